@@ -1,0 +1,508 @@
+"""Row/column gates around existing nn.Linear layers (method.md §1).
+
+A GatedLinear wraps the model's own nn.Linear (no copy) and adds two logit vectors:
+theta_r (one per output row) and theta_c (one per input column). The layer computes
+
+    y = ((x * z_c) @ (W + s * B A)^T + b) * z_r
+
+where z = clamp(tanh(theta) + eps + 0.5, 0, 1) in training (eps ~ N(0, sigma^2), ONE noise
+vector per gate vector per forward, shared across the batch and tokens) and
+z = clamp(tanh(theta) + 0.5, 0, 1) in eval. The row gate comes after the bias so that a
+closed row outputs exactly 0; that is what makes the coupled groups of method.md §3
+removable. LoRA (``gates+lora``) sits inside the gates with B initialised to zero, so
+injecting never changes the model's eval outputs beyond the gates themselves.
+
+Like PEFT layers, GatedLinear declares the names of the state it owns
+(``adapter_layer_names``) so generic code can freeze, save and delete it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.errors import ConfigError, UnsupportedModelError
+
+TrainableMode = Literal["gates", "gates+lora", "gates+weights"]
+TRAINABLE_MODES: tuple[str, ...] = ("gates", "gates+lora", "gates+weights")
+
+BERT_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
+LLAMA_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+# Regexes are matched against the full module name (re.fullmatch). The BERT ones are
+# anchored on the layer index so "output.dense" never also hits "attention.output.dense"
+# (and never the RoBERTa "classifier.dense").
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": [
+        r"(.*\.)?layer\.\d+\.attention\.self\.(query|key|value)",
+        r"(.*\.)?layer\.\d+\.attention\.output\.dense",
+        r"(.*\.)?layer\.\d+\.intermediate\.dense",
+        r"(.*\.)?layer\.\d+\.output\.dense",
+    ],
+    "llama": [
+        r"(.*\.)?layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+        r"(.*\.)?layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",
+    ],
+}
+
+# Module-name components that are never gated by injection (task heads, pooler, lm_head).
+HEAD_MODULE_NAMES: tuple[str, ...] = ("classifier", "score", "qa_outputs")
+NEVER_GATED: frozenset[str] = frozenset({"lm_head", "pooler", "cls", *HEAD_MODULE_NAMES})
+
+_REGEX_CHARS = set("\\^$*+?[](){}|")
+
+
+@dataclass
+class GateConfig:
+    """Construction arguments of the gates (saved with checkpoints as JSON)."""
+
+    init_mean: float = 1.0  # theta ~ N(init_mean, init_std^2); tanh(1)+.5 > 1: starts open
+    init_std: float = 0.1
+    noise_std: float = 0.1  # sigma of the training noise
+    lora_rank: int = 0  # > 0 adds LoRA A/B inside the gates (needed by "gates+lora")
+    lora_alpha: float | None = None  # scale = alpha / rank; None means scale 1
+    seed: int | None = None  # seeds gate init (None: use the global RNG)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> GateConfig:
+        d = dict(d or {})
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def _phi(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+class GatedLinear(nn.Module):
+    """An nn.Linear with learned row and column gates (and optional LoRA inside them)."""
+
+    adapter_layer_names: tuple[str, ...] = ("row_logits", "col_logits", "lora_A", "lora_B")
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        cfg: GateConfig | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        cfg = cfg or GateConfig()
+        self.base = base
+        self.noise_std = float(cfg.noise_std)
+        out_f, in_f = base.weight.shape
+        dev = base.weight.device
+        # Gates stay fp32 whatever the base dtype: tanh/clamp near +-0.5 needs precision.
+        row = torch.empty(out_f, dtype=torch.float32)
+        col = torch.empty(in_f, dtype=torch.float32)
+        row.normal_(cfg.init_mean, cfg.init_std, generator=generator)
+        col.normal_(cfg.init_mean, cfg.init_std, generator=generator)
+        self.row_logits = nn.Parameter(row.to(dev))
+        self.col_logits = nn.Parameter(col.to(dev))
+        self.lora_rank = int(cfg.lora_rank)
+        if self.lora_rank > 0:
+            a = torch.empty(self.lora_rank, in_f, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.lora_A = nn.Parameter(a.to(device=dev, dtype=base.weight.dtype))
+            self.lora_B = nn.Parameter(
+                torch.zeros(out_f, self.lora_rank, device=dev, dtype=base.weight.dtype)
+            )
+            alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(self.lora_rank)
+            self.lora_scale = float(alpha) / self.lora_rank
+        else:
+            self.lora_A = None
+            self.lora_B = None
+            self.lora_scale = 0.0
+        # Kurtosis objective support: mean input of the last training forward (no grad).
+        self.record_input_mean = False
+        self.register_buffer("input_mean", None, persistent=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> Tensor:  # some HF code reads `.weight` (dtype / device probes)
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    # -- gates -------------------------------------------------------------------------
+    def gates(self, training: bool | None = None) -> tuple[Tensor, Tensor]:
+        """(z_r, z_c). Training gates draw one noise vector each, shared by the batch."""
+        training = self.training if training is None else training
+        mu_r = torch.tanh(self.row_logits)
+        mu_c = torch.tanh(self.col_logits)
+        if training and self.noise_std > 0:
+            mu_r = mu_r + torch.randn_like(mu_r) * self.noise_std
+            mu_c = mu_c + torch.randn_like(mu_c) * self.noise_std
+        return (mu_r + 0.5).clamp(0.0, 1.0), (mu_c + 0.5).clamp(0.0, 1.0)
+
+    def eval_gates(self) -> tuple[Tensor, Tensor]:
+        """Deterministic gates; exactly 0 iff tanh(theta) <= -0.5."""
+        return self.gates(training=False)
+
+    def keep_probs(self, sigma_p: float = 0.5) -> tuple[Tensor, Tensor]:
+        """Phi((mu + 0.5) / sigma_p): the Gaussian L0 relaxation, in (0.159, 0.9987)."""
+        mu_r = torch.tanh(self.row_logits)
+        mu_c = torch.tanh(self.col_logits)
+        return _phi((mu_r + 0.5) / sigma_p), _phi((mu_c + 0.5) / sigma_p)
+
+    def open_probs(self, min_sigma: float = 1e-3) -> tuple[Tensor, Tensor]:
+        """P(training gate > 0) = Phi((mu + .5) / sigma_noise): ~0 for closed gates.
+
+        Unlike keep_probs this goes to 0/1 as gates saturate, so sums of it estimate what
+        build_plan will count (used by the calibrated objective).
+        """
+        s = max(self.noise_std, min_sigma)
+        mu_r = torch.tanh(self.row_logits)
+        mu_c = torch.tanh(self.col_logits)
+        return _phi((mu_r + 0.5) / s), _phi((mu_c + 0.5) / s)
+
+    # -- forward -------------------------------------------------------------------------
+    def _weight(self) -> Tensor:
+        w = self.base.weight
+        if self.lora_A is not None:
+            w = w + self.lora_scale * (self.lora_B @ self.lora_A).to(w.dtype)
+        return w
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.record_input_mean and self.training:
+            with torch.no_grad():
+                self.input_mean = x.detach().float().reshape(-1, x.shape[-1]).mean(0)
+        z_r, z_c = self.gates()
+        xc = x * z_c.to(x.dtype)  # (..., in)
+        y = F.linear(xc, self.base.weight, self.base.bias)  # (..., out)
+        if self.lora_A is not None:
+            y = y + self.lora_scale * F.linear(F.linear(xc, self.lora_A), self.lora_B)
+        return y * z_r.to(y.dtype)
+
+    # -- folding ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def folded_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
+        """diag(z_r) (W + sBA) diag(z_c) and z_r * b with EVAL gates; bias stays None if absent."""
+        z_r, z_c = self.eval_gates()
+        w = self._weight()
+        wf = (z_r[:, None] * w.float() * z_c[None, :]).to(w.dtype)
+        b = self.base.bias
+        bf = None if b is None else (z_r * b.float()).to(b.dtype)
+        return wf, bf
+
+    def to_linear(self, fold: bool = True) -> nn.Linear:
+        """fold=True: a new Linear with the folded eval weights; fold=False: the original base."""
+        if not fold:
+            return self.base
+        wf, bf = self.folded_weight_and_bias()
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=bf is not None,
+            device=wf.device,
+            dtype=wf.dtype,
+        )
+        with torch.no_grad():
+            lin.weight.copy_(wf)
+            if bf is not None:
+                lin.bias.copy_(bf)
+        lin.weight.requires_grad_(self.base.weight.requires_grad)
+        if bf is not None:
+            lin.bias.requires_grad_(self.base.bias.requires_grad)
+        return lin
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, bias={self.base.bias is not None}, "
+            f"noise_std={self.noise_std}, lora_rank={self.lora_rank}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Injection
+
+
+def model_family(model_or_config) -> str | None:
+    """'bert' | 'llama' | None from config.model_type."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    mt = getattr(cfg, "model_type", None)
+    if mt in BERT_MODEL_TYPES:
+        return "bert"
+    if mt in LLAMA_MODEL_TYPES:
+        return "llama"
+    return None
+
+
+def _is_regex(pattern: str) -> bool:
+    return any(c in _REGEX_CHARS for c in pattern)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Regex patterns fullmatch the name; plain ones match a dotted suffix (PEFT style)."""
+    if _is_regex(pattern):
+        return re.fullmatch(pattern, name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _is_head(name: str, model: nn.Module) -> bool:
+    parts = name.split(".")
+    if any(p in NEVER_GATED for p in parts):
+        return True
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out_emb is not None and model.get_submodule(name) is out_emb
+
+
+def resolve_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]:
+    """Names of the nn.Linear modules that `targets` selects, in model order.
+
+    None -> the family defaults; "all-linear" -> every Linear except heads/pooler/lm_head.
+    A pattern that selects nothing is a ConfigError (a typo should not silently gate nothing).
+    """
+    if targets is None:
+        fam = model_family(model)
+        if fam is None:
+            mt = getattr(getattr(model, "config", None), "model_type", None)
+            raise UnsupportedModelError(
+                f"no default gate targets for model_type {mt!r}; supported: "
+                f"{sorted(BERT_MODEL_TYPES | LLAMA_MODEL_TYPES)}. Pass target_modules "
+                "patterns or 'all-linear'."
+            )
+        patterns: list[str] | None = DEFAULT_TARGETS[fam]
+    elif isinstance(targets, str):
+        patterns = None if targets == "all-linear" else [targets]
+    else:
+        patterns = list(targets)
+        if not patterns:
+            raise ConfigError("target_modules", "must name at least one module pattern")
+
+    inside_gated: set[str] = {n for n, m in model.named_modules() if isinstance(m, GatedLinear)}
+    names: list[str] = []
+    hits = dict.fromkeys(patterns or [], 0)
+    for name, mod in model.named_modules():
+        if name in inside_gated:  # already gated: counts as a hit, not gated again
+            for p in patterns or []:
+                if _matches(name, p):
+                    hits[p] += 1
+            continue
+        if not isinstance(mod, nn.Linear) or not name:
+            continue
+        if any(name.startswith(g + ".") for g in inside_gated):
+            continue  # the base of an existing GatedLinear
+        if _is_head(name, model):
+            continue
+        if patterns is None:
+            names.append(name)
+            continue
+        matched = False
+        for p in patterns:
+            if _matches(name, p):
+                hits[p] += 1
+                matched = True
+        if matched:
+            names.append(name)
+    missing = [p for p, n in hits.items() if n == 0]
+    if missing:
+        raise ConfigError(
+            "target_modules",
+            f"pattern(s) {missing} match no nn.Linear module (task heads, pooler and lm_head "
+            "are never gated)",
+        )
+    return names
+
+
+def inject_gates(
+    model: nn.Module,
+    targets: list[str] | str | None = None,
+    cfg: GateConfig | dict | None = None,
+) -> list[str]:
+    """Wrap the selected Linears in GatedLinear in place; returns the gated names.
+
+    Idempotent: modules already gated are left alone.
+    """
+    if isinstance(cfg, dict):
+        cfg = GateConfig.from_dict(cfg)
+    cfg = cfg or GateConfig()
+    gen = None
+    if cfg.seed is not None:
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+    for name in resolve_targets(model, targets):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, attr)
+        gm = GatedLinear(base, cfg, generator=gen)
+        gm.train(base.training)  # follow the model's mode (a new Module defaults to train)
+        setattr(parent, attr, gm)
+    return list(gated_modules(model))
+
+
+def gated_modules(model: nn.Module) -> dict[str, GatedLinear]:
+    """name -> GatedLinear, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, GatedLinear)}
+
+
+def remove_gates(model: nn.Module, fold: bool = True) -> None:
+    """Put plain nn.Linear modules back: folded eval weights (fold=True) or the originals."""
+    for name, gm in list(gated_modules(model).items()):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, gm.to_linear(fold=fold))
+
+
+def set_input_recording(model: nn.Module, enabled: bool) -> None:
+    """Turn on the per-layer mean-input recording the kurtosis objective needs."""
+    for gm in gated_modules(model).values():
+        gm.record_input_mean = enabled
+        if not enabled:
+            gm.input_mean = None
+
+
+# ---------------------------------------------------------------------------------------
+# Trainable sets and optimizer groups
+
+
+def default_head_modules(model: nn.Module) -> list[str]:
+    """Task-head modules present on the model (classifier / score / qa_outputs)."""
+    names = dict(model.named_modules())
+    return [n for n in names if n and n.split(".")[-1] in HEAD_MODULE_NAMES and "." not in n]
+
+
+def _head_param_names(model: nn.Module, head_modules: Iterable[str]) -> set[str]:
+    out: set[str] = set()
+    all_names = [n for n, _ in model.named_parameters()]
+    for h in head_modules:
+        hits = [n for n in all_names if n == h or n.startswith(h + ".")]
+        if not hits:
+            raise ConfigError("head_modules", f"{h!r} is not a module or parameter of the model")
+        out.update(hits)
+    return out
+
+
+def _classify_params(model: nn.Module, head_modules: Iterable[str]) -> dict[str, str]:
+    """parameter name -> 'gates' | 'lora' | 'biases' | 'head' | 'weights'."""
+    kinds: dict[str, str] = {}
+    gated = gated_modules(model)
+    for gname, gm in gated.items():
+        kinds[f"{gname}.row_logits"] = "gates"
+        kinds[f"{gname}.col_logits"] = "gates"
+        if gm.lora_A is not None:
+            kinds[f"{gname}.lora_A"] = "lora"
+            kinds[f"{gname}.lora_B"] = "lora"
+        if gm.base.bias is not None:
+            kinds[f"{gname}.base.bias"] = "biases"
+    for n in _head_param_names(model, head_modules):
+        kinds.setdefault(n, "head")
+    for n, _ in model.named_parameters():
+        kinds.setdefault(n, "weights")
+    return kinds
+
+
+def configure_trainable(
+    model: nn.Module,
+    mode: str = "gates",
+    head_modules: Iterable[str] | None = None,
+) -> list[str]:
+    """Set requires_grad per mode; returns the trainable parameter names.
+
+    "gates": gates + head (+ any newly initialised modules passed in head_modules, e.g. a
+    pooler the checkpoint lacked) + biases of gated layers. "gates+lora": also LoRA A/B.
+    "gates+weights": everything. The head list is remembered for param_groups().
+    """
+    if mode not in TRAINABLE_MODES:
+        raise ConfigError("trainable", f"must be one of {list(TRAINABLE_MODES)}, got {mode!r}")
+    gated = gated_modules(model)
+    if not gated:
+        raise ConfigError("trainable", "the model has no gated layers; call inject_gates first")
+    if mode == "gates+lora" and not any(g.lora_A is not None for g in gated.values()):
+        raise ConfigError("lora_rank", "trainable='gates+lora' needs lora_rank > 0 at injection")
+    heads = list(default_head_modules(model) if head_modules is None else head_modules)
+    model.finegates_head_modules = heads  # plain attribute, read by param_groups
+    kinds = _classify_params(model, heads)
+    allowed = {"gates", "biases", "head"}
+    if mode == "gates+lora":
+        allowed.add("lora")
+    trainable = []
+    for n, p in model.named_parameters():
+        on = mode == "gates+weights" or kinds[n] in allowed
+        p.requires_grad_(on)
+        if on:
+            trainable.append(n)
+    return trainable
+
+
+def param_groups(
+    model: nn.Module,
+    gate_lr: float,
+    head_lr: float | None = None,
+    lora_lr: float | None = None,
+    weight_lr: float | None = None,
+    weight_decay: float = 0.0,
+) -> list[dict]:
+    """Optimizer groups over the trainable params, each with a "name" key.
+
+    Gates and biases never get weight decay (decay would pull gates toward z = 0.5).
+    """
+    heads = getattr(model, "finegates_head_modules", None)
+    if heads is None:
+        heads = default_head_modules(model)
+    kinds = _classify_params(model, heads)
+    lrs = {
+        "gates": gate_lr,
+        "head": head_lr if head_lr is not None else gate_lr,
+        "biases": head_lr if head_lr is not None else gate_lr,
+        "lora": lora_lr if lora_lr is not None else gate_lr,
+        "weights": weight_lr if weight_lr is not None else gate_lr,
+    }
+    decay = {"gates": 0.0, "biases": 0.0, "head": weight_decay, "lora": weight_decay}
+    decay["weights"] = weight_decay
+    buckets: dict[str, list[nn.Parameter]] = {k: [] for k in lrs}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            buckets[kinds[n]].append(p)
+    return [
+        {"name": k, "params": ps, "lr": lrs[k], "weight_decay": decay[k]}
+        for k, ps in buckets.items()
+        if ps
+    ]
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only the tensors that train (gates, head, biases, LoRA; everything in gates+weights)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def gate_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only the state GatedLinear layers own (adapter_layer_names)."""
+    out: dict[str, Tensor] = {}
+    for gname, gm in gated_modules(model).items():
+        for attr in gm.adapter_layer_names:
+            t = getattr(gm, attr, None)
+            if t is not None:
+                out[f"{gname}.{attr}"] = t.detach()
+    return out
+
+
+def load_trainable_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy tensors by name into existing parameters; unknown names or shapes are errors."""
+    params = dict(model.named_parameters())
+    for n, t in state.items():
+        if n not in params:
+            raise ConfigError("state", f"checkpoint tensor {n!r} is not a parameter of the model")
+        if params[n].shape != t.shape:
+            raise ConfigError(
+                "state", f"{n!r}: checkpoint shape {tuple(t.shape)} != {tuple(params[n].shape)}"
+            )
+        with torch.no_grad():
+            params[n].copy_(t.to(params[n].dtype))
