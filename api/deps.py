@@ -1,0 +1,114 @@
+"""Typed dependencies that keep handlers short (full-stack-fastapi-template style).
+
+Ownership lives here, once: ``OwnedJob`` / ``OwnedFile`` / ``OwnedModel`` load the object
+scoped to the caller's tenant and answer 404 otherwise, so no handler can forget it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.auth import Principal, authenticate, hash_key
+from api.db.models import File, FineTunedModel, Job
+from api.errors import APIError, not_found
+from api.settings import Settings
+from api.storage import LocalStorage
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_storage(request: Request) -> LocalStorage:
+    return request.app.state.storage
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    session = request.app.state.sessionmaker()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+SessionDep = Annotated[Session, Depends(get_db)]
+
+
+def get_principal(request: Request, session: SessionDep) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(
+            401,
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    cache = request.app.state.auth_cache
+    digest = hash_key(token)
+    principal = cache.get(digest)
+    if principal is None:
+        principal = authenticate(session, token)
+        if principal is None:
+            raise APIError(
+                401,
+                f"Incorrect API key provided: {token[:6]}...",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        cache.put(digest, principal)
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_owned_job(
+    job_id: Annotated[str, Path(max_length=64)], principal: PrincipalDep, session: SessionDep
+) -> Job:
+    job = session.execute(
+        select(Job).where(Job.id == job_id, Job.tenant_id == principal.tenant_id)
+    ).scalar_one_or_none()
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def get_owned_file(
+    file_id: Annotated[str, Path(max_length=64)], principal: PrincipalDep, session: SessionDep
+) -> File:
+    f = session.execute(
+        select(File).where(File.id == file_id, File.tenant_id == principal.tenant_id)
+    ).scalar_one_or_none()
+    if f is None:
+        raise not_found("file", file_id)
+    return f
+
+
+def find_owned_model(session: Session, model_id: str, tenant_id: str) -> FineTunedModel | None:
+    return session.execute(
+        select(FineTunedModel).where(
+            FineTunedModel.id == model_id, FineTunedModel.tenant_id == tenant_id
+        )
+    ).scalar_one_or_none()
+
+
+def get_owned_model(model_id: str, principal: PrincipalDep, session: SessionDep) -> FineTunedModel:
+    """A finetuned model of the caller; base catalog models are handled by the routes."""
+    m = find_owned_model(session, model_id, principal.tenant_id)
+    if m is None:
+        raise not_found("model", model_id)
+    return m
+
+
+OwnedJob = Annotated[Job, Depends(get_owned_job)]
+OwnedFile = Annotated[File, Depends(get_owned_file)]
+OwnedModel = Annotated[FineTunedModel, Depends(get_owned_model)]

@@ -1,0 +1,1 @@
+"""Routers mounted under /v1 by api.app.create_app."""
