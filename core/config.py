@@ -214,7 +214,8 @@ class Hyperparameters:
         return asdict(self)
 
     def is_resolved(self) -> bool:
-        return not any(_is_auto(v) for v in asdict(self).values())
+        """True when no numeric field is still "auto" (precision "auto" is a mode, not a number)."""
+        return not any(_is_auto(v) for k, v in asdict(self).items() if k != "precision")
 
     def resolve(self, n_train: int, task: str, family: str | None = None) -> Hyperparameters:
         """Replace every "auto" with a number chosen from dataset size and task.

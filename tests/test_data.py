@@ -1,0 +1,140 @@
+"""Data readers: formats are detected, and every error names the file, line and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.data import load_records, split_validation, validate_file
+from core.errors import DataError
+
+
+def _jsonl(tmp_path, rows, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return p
+
+
+def test_detects_classification_with_string_labels(tmp_path):
+    p = _jsonl(tmp_path, [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
+    rep = validate_file(p)
+    assert (rep.format, rep.task, rep.kind, rep.n_rows) == (
+        "jsonl",
+        "classification",
+        "text_label",
+        2,
+    )
+    assert rep.labels == ["neg", "pos"]
+    assert rep.problem_type == "single_label_classification"
+
+
+def test_int_labels_are_classes_float_labels_regression(tmp_path):
+    p = _jsonl(tmp_path, [{"text": "a", "label": 10}, {"text": "b", "label": 2}])
+    rep = validate_file(p)
+    assert rep.labels == ["2", "10"]  # numeric order, not string order
+    q = _jsonl(tmp_path, [{"text": "a", "label": 1}, {"text": "b", "label": 0.5}], "r.jsonl")
+    rep = validate_file(q)
+    assert rep.problem_type == "regression" and rep.labels is None
+
+
+def test_text_pair_and_lm_formats(tmp_path):
+    rep = validate_file(_jsonl(tmp_path, [{"text": "a", "text_pair": "b", "label": 1}]))
+    assert rep.kind == "text_pair_label"
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    rep = validate_file(_jsonl(tmp_path, [chat], "c.jsonl"))
+    assert (rep.task, rep.kind) == ("causal_lm", "messages")
+    rep = validate_file(_jsonl(tmp_path, [{"prompt": "a", "completion": "b"}], "pc.jsonl"))
+    assert rep.kind == "prompt_completion"
+    rep = validate_file(_jsonl(tmp_path, [{"text": "plain"}], "t.jsonl"), task="sparsify")
+    assert (rep.task, rep.kind) == ("sparsify", "text")
+
+
+@pytest.mark.parametrize(
+    ("rows", "line", "field", "fragment"),
+    [
+        (['{"text": "a", "label": 1}', '{"text": "b", "label": 2'], 2, None, "malformed JSON"),
+        ([{"text": "a", "label": 1}, {"text": "", "label": 2}], 2, "text", "empty"),
+        ([{"text": "a", "label": 1}, {"text": 5, "label": 2}], 2, "text", "must be a string"),
+        ([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": 3}],
+         3, "label", "mixed label types"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": None}], 2, "label", "label must be"),
+        ([{"text": "a", "label": 1}, {"txt": "b"}], 2, None, "unrecognised record"),
+        ([{"text": "a", "label": 1}, {"prompt": "p", "completion": "c"}], 2, None, "differs"),
+        ([{"messages": [{"role": "robot", "content": "x"}]}], 1, "messages[0].role", "role"),
+        ([{"messages": [{"role": "user", "content": "x"}]}], 1, "messages", "assistant"),
+        (["[1, 2]"], 1, None, "JSON object"),
+    ],
+)  # fmt: skip
+def test_errors_name_line_and_field(tmp_path, rows, line, field, fragment):
+    p = _jsonl(tmp_path, rows)
+    with pytest.raises(DataError) as ei:
+        validate_file(p)
+    e = ei.value
+    assert e.line == line and e.field == field and fragment in e.reason
+    assert str(p) in str(e) and f"line {line}" in str(e)
+
+
+def test_non_utf8_bytes_report_the_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"text": "ok", "label": 1}\n{"text": "caf\xe9", "label": 2}\n')
+    with pytest.raises(DataError) as ei:
+        validate_file(p)
+    assert ei.value.line == 2 and "UTF-8" in ei.value.reason
+    c = tmp_path / "bad.csv"
+    c.write_bytes(b"text,label\nok,1\nfine,0\ncaf\xe9,1\n")
+    with pytest.raises(DataError) as ei:
+        validate_file(c)
+    assert ei.value.line == 4
+
+
+def test_empty_file_and_caps(tmp_path):
+    p = tmp_path / "e.jsonl"
+    p.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        validate_file(p)
+    p = _jsonl(tmp_path, [{"text": "a" * 100, "label": 1}] * 3, "long.jsonl")
+    with pytest.raises(DataError) as ei:
+        validate_file(p, max_line_bytes=50)
+    assert ei.value.line == 1 and "limit" in ei.value.reason
+    with pytest.raises(DataError) as ei:
+        validate_file(p, max_rows=2)
+    assert ei.value.line == 3 and "row limit" in ei.value.reason
+
+
+def test_csv_reader(tmp_path):
+    c = tmp_path / "d.csv"
+    c.write_text('text,label\n"hello, world",pos\nbye,neg\n')
+    data = load_records(c)
+    assert data.report.format == "csv" and data.report.labels == ["neg", "pos"]
+    assert data.records[0]["text"] == "hello, world"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\na,1\nb,2,3\n")
+    with pytest.raises(DataError) as ei:
+        validate_file(bad)
+    assert ei.value.line == 3 and "expected 2 columns" in ei.value.reason
+    reg = tmp_path / "reg.csv"
+    reg.write_text("text,label\na,0.5\nb,1\n")
+    assert validate_file(reg).problem_type == "regression"
+
+
+def test_custom_columns_and_task_mismatch(tmp_path):
+    p = _jsonl(tmp_path, [{"sentence": "a", "y": "pos"}, {"sentence": "b", "y": "neg"}])
+    data = load_records(p, text_column="sentence", label_column="y")
+    assert data.records[0]["text"] == "a" and data.report.labels == ["neg", "pos"]
+    q = _jsonl(tmp_path, [{"text": "plain"}], "t.jsonl")
+    with pytest.raises(DataError) as ei:
+        validate_file(q, task="classification")
+    assert ei.value.field == "label" and ei.value.line == 1
+
+
+def test_seeded_validation_split_is_stable_and_disjoint():
+    recs = [{"text": str(i), "label": "a"} for i in range(50)]
+    tr1, va1 = split_validation(recs, 0.1, seed=3)
+    tr2, va2 = split_validation(recs, 0.1, seed=3)
+    _, va3 = split_validation(recs, 0.1, seed=4)
+    assert va1 == va2 and len(va1) == 5 and len(tr1) == 45
+    assert va1 != va3
+    assert not ({r["text"] for r in tr1} & {r["text"] for r in va1})
+    _, capped = split_validation(recs, 0.5, max_rows=3, seed=3)
+    assert len(capped) == 3
