@@ -1,0 +1,70 @@
+"""A standalone inference app for ``finegates serve-inference``.
+
+Why a separate process at all: in the embedded default the API process also serves
+inference, which is simplest; in production, model memory and CPU/GPU time of inference
+should not compete with the job API (and its 100 polling clients), and inference replicas
+scale separately. This app mounts the SAME inference router, the same Bearer-key auth
+(same database), the same OpenAI error shape and a read-only /v1/models, so clients
+point at it without any change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+
+def create_inference_app(settings: Any = None, engine: Any = None) -> FastAPI:
+    """``engine``: a prebuilt InferenceEngine (tests, benchmarks); else built on first use."""
+    from api.auth import AuthCache
+    from api.db.session import make_engine, make_sessionmaker
+    from api.errors import install_error_handlers
+    from api.routes import inference
+    from api.storage import LocalStorage
+
+    if settings is None:
+        from api.settings import get_settings
+
+        settings = get_settings()
+    db_engine = make_engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        eng = getattr(app.state, "inference", None)
+        if eng is not None:
+            eng.close()
+        db_engine.dispose()
+
+    app = FastAPI(
+        title="FineGates inference",
+        version="1",
+        description="OpenAI-compatible completions/chat and /v1/classify for FineGates models.",
+        lifespan=lifespan,
+    )
+    # the same app state the API's create_app sets, so its dependencies (auth) work here
+    app.state.settings = settings
+    app.state.engine = db_engine
+    app.state.sessionmaker = make_sessionmaker(db_engine)
+    app.state.storage = LocalStorage(settings.storage_dir)
+    app.state.auth_cache = AuthCache(settings.auth_cache_seconds)
+    app.state.shutdown_hooks = []
+    if engine is not None:
+        app.state.inference = engine
+    install_error_handlers(app)
+    app.include_router(inference.router, prefix="/v1")
+    try:  # the models listing, so openai's client.models.list() works against this process
+        from api.routes import models as models_routes
+
+        app.include_router(models_routes.router, prefix="/v1")
+    except ImportError:  # pragma: no cover - the API's models routes not installed
+        pass
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

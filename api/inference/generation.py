@@ -1,0 +1,159 @@
+"""Token sampling, stop strings and the streaming generation loop.
+
+The loop is written once against a tiny ``Stepper`` protocol (prefill, then one token at a
+time with a KV cache) so dense Hugging Face models and pruned FineGates decoders stream the
+same way, with the same sampling, seeds and stop handling. It checks a cancel flag between
+tokens: a client that disconnects mid-stream stops the generation at the next token.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+class Stepper(Protocol):
+    """One decoding session with its own KV cache."""
+
+    def prefill(self, input_ids: list[int]) -> torch.Tensor:
+        """Run the prompt; return next-token logits, shape (vocab,)."""
+
+    def step(self, token_id: int) -> torch.Tensor:
+        """Append one token; return next-token logits, shape (vocab,)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenerationChunk:
+    """A piece of streamed output. ``finish_reason`` is set on the last chunk only."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
+    return gen
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Greedy at temperature 0; otherwise temperature + nucleus (top_p) sampling."""
+    logits = logits.detach().float().reshape(-1).cpu()
+    if params.temperature <= 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, sorted_idx = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # drop a token when the mass BEFORE it already reaches top_p (always keeps the first)
+        drop = (cumulative - sorted_probs) >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, sorted_idx, sorted_probs)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that may still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+def generate_stream(
+    stepper: Stepper,
+    prompt_ids: list[int],
+    decode: Callable[[list[int]], str],
+    params: SamplingParams,
+    eos_token_ids: Sequence[int] = (),
+    cancelled: Callable[[], bool] | None = None,
+) -> Iterator[GenerationChunk]:
+    """Yield text deltas as tokens are generated; the last chunk carries finish_reason.
+
+    finish_reason is "stop" (EOS or a stop string), "length" (max_tokens) or "cancelled"
+    (the caller's flag was raised, e.g. the client disconnected). Text is decoded from all
+    generated ids each step so multi-byte characters split across tokens come out whole,
+    and any tail that could be the start of a stop string is held back until it is decided.
+    """
+    stops = [s for s in params.stop if s]
+    eos = set(eos_token_ids)
+    generator = make_generator(params.seed)
+    generated: list[int] = []
+    emitted = 0  # characters of the decoded text already sent
+    if params.max_tokens <= 0:
+        yield GenerationChunk("", 0, "length")
+        return
+    with torch.inference_mode():
+        logits = stepper.prefill(list(prompt_ids))
+        while True:
+            if cancelled is not None and cancelled():
+                yield GenerationChunk("", len(generated), "cancelled")
+                return
+            token = sample_next(logits, params, generator)
+            if token in eos:
+                text = decode(generated)
+                yield GenerationChunk(text[emitted:], len(generated), "stop")
+                return
+            generated.append(token)
+            text = decode(generated)
+            if stops:
+                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    yield GenerationChunk(text[emitted:cut], len(generated), "stop", [token])
+                    return
+            if len(generated) >= params.max_tokens:
+                yield GenerationChunk(text[emitted:], len(generated), "length", [token])
+                return
+            # hold back an incomplete UTF-8 sequence and a possible stop-string prefix
+            safe = len(text.rstrip("\ufffd"))
+            safe -= _held_back(text[:safe], stops)
+            if safe > emitted:
+                yield GenerationChunk(text[emitted:safe], len(generated), None, [token])
+                emitted = safe
+            logits = stepper.step(token)
+
+
+def generate_text(
+    stepper: Stepper,
+    prompt_ids: list[int],
+    decode: Callable[[list[int]], str],
+    params: SamplingParams,
+    eos_token_ids: Sequence[int] = (),
+    cancelled: Callable[[], bool] | None = None,
+) -> tuple[str, int, str]:
+    """Non-streaming wrapper: (text, completion_tokens, finish_reason)."""
+    parts: list[str] = []
+    tokens, reason = 0, "length"
+    for chunk in generate_stream(stepper, prompt_ids, decode, params, eos_token_ids, cancelled):
+        parts.append(chunk.text)
+        tokens = chunk.completion_tokens
+        if chunk.finish_reason is not None:
+            reason = chunk.finish_reason
+    return "".join(parts), tokens, reason
+
+
+def as_stop_list(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    return [str(s) for s in stop]
