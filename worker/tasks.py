@@ -1,0 +1,413 @@
+"""The job task: claim, train, prune, export, register the model.
+
+Celery's rules, applied: the message carries only the job id and the task re-reads the
+row; the task asserts the state itself (a guarded claim, so a duplicate or late message
+is a no-op); it is idempotent under ``acks_late`` (training resumes from the run
+directory's last checkpoint; ``resume=True``); cancellation is a database flag the
+training callback reads, never ``revoke(terminate=True)``.
+
+``execute_job`` is the plain function (tests and tools call it without Celery);
+``run_job`` is the Celery task wrapping it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from celery import shared_task
+from celery.signals import worker_ready, worker_shutting_down
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import jobstate
+from api.db.models import File, Job
+from api.db.session import make_sessionmaker, session_scope
+from api.storage import LocalStorage
+from worker.callback import HeartbeatThread, JobCallback
+from worker.celery_app import TASK_RUN_JOB
+
+if TYPE_CHECKING:
+    from api.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Set when the worker starts a warm shutdown (Ctrl-C / SIGTERM): the running job
+# checkpoints at its next step and goes back to the queue instead of dying mid-step.
+SHUTDOWN = threading.Event()
+
+_factories: dict[str, sessionmaker[Session]] = {}
+_factories_lock = threading.Lock()
+_worker_id: str | None = None
+
+
+def worker_identity() -> str:
+    """host:pid:nonce. A restarted worker is a new identity, so its predecessor's job
+    cannot be mistaken for its own."""
+    global _worker_id
+    if _worker_id is None or not _worker_id.split(":")[1] == str(os.getpid()):
+        _worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return _worker_id
+
+
+def session_factory_for(settings: Settings) -> sessionmaker[Session]:
+    """One engine per database URL per process (engines hold pools; never one per job)."""
+    with _factories_lock:
+        f = _factories.get(settings.db_url)
+        if f is None:
+            f = _factories[settings.db_url] = make_sessionmaker(settings)
+        return f
+
+
+def heartbeat_interval(settings: Settings) -> float:
+    """Beat several times per timeout, but no more than every 30 s nor less than 0.5 s."""
+    return max(0.5, min(30.0, float(settings.heartbeat_timeout_s) / 5.0))
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def fine_tuned_model_id(base: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI-style ``ft:<base>:<suffix>:<short id>`` (``ft:<base>:<short id>`` without a
+    suffix). A base given as a folder path contributes only its last part; characters
+    that would break a URL path segment become ``-``."""
+    base_part = Path(base).name if ("/" in base or os.sep in base) and Path(base).name else base
+    base_part = _SAFE.sub("-", base_part).strip("-") or "model"
+    short = job_id.split("-", 1)[-1][-8:].lower()
+    parts = ["ft", base_part]
+    if suffix:
+        s = _SAFE.sub("-", suffix).strip("-")
+        if s:
+            parts.append(s)
+    parts.append(short)
+    return ":".join(parts)
+
+
+@dataclass
+class JobOutcome:
+    """What happened to one delivery of a job (returned for tests and logs)."""
+
+    status: str  # succeeded | failed | cancelled | requeued | lost | skipped | missing
+    detail: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _file_path(s: Session, storage: LocalStorage, file_id: str | None) -> str | None:
+    if not file_id:
+        return None
+    row = s.execute(select(File).where(File.id == file_id)).scalar_one_or_none()
+    if row is None:
+        from core.errors import DataError
+
+        raise DataError(f"file {file_id} no longer exists (deleted after the job was created)")
+    return str(storage.path(row.storage_key))
+
+
+def _artifact_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _package_gated(run_dir: Path, artifact_dir: Path, note: str) -> dict[str, Any]:
+    """The fallback when pruning is not available: ship the gated model as trained.
+
+    Not the contract's pruned artifact (``model.safetensors``): the folder holds
+    ``final/`` (gated_state.safetensors + gated_model.json) and the tokenizer, and the
+    manifest says so, so nobody mistakes it for a compressed model.
+    """
+    tmp = artifact_dir.with_name(artifact_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for sub in ("final", "tokenizer"):
+        src = run_dir / sub
+        if src.is_dir():
+            for p in src.iterdir():
+                if p.is_file():
+                    shutil.copy2(p, tmp / p.name)
+    manifest = {"format": "finegates-gated", "pruned": False, "note": note}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    (tmp / "report.json").write_text(json.dumps({"pruned": False, "note": note}), encoding="utf-8")
+    shutil.rmtree(artifact_dir, ignore_errors=True)
+    os.replace(tmp, artifact_dir)
+    return manifest
+
+
+def package_run(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str, Any]:
+    """Prune the trained run into the artifact directory, export ONNX, write the report.
+
+    Returns the compression summary stored on the job and the models row. ONNX export and
+    the latency report are extras: their failure is a warning event, not a failed job.
+    """
+    try:
+        from core.prune import prune_run
+    except ImportError:
+        prune_run = None  # type: ignore[assignment]
+    if prune_run is None:
+        note = "pruning is not available in this build; the artifact is the gated model"
+        cb.add_event(note, level="warning")
+        manifest = _package_gated(run_dir, artifact_dir, note)
+        return {"pruned": False, "note": note, "artifact_bytes": _artifact_size(artifact_dir)}
+
+    manifest = prune_run(run_dir, artifact_dir) or {}
+    cb.add_event("Pruned the gated model into a smaller dense model")
+    cb.beat()
+    formats = ["tar", "safetensors"]
+    try:
+        from core import onnx_export
+
+        export = getattr(onnx_export, "export_artifact", None) or onnx_export.export_onnx
+        export(artifact_dir)
+        formats.append("onnx")
+        cb.add_event("Exported the pruned model to ONNX")
+    except Exception as exc:  # optional extra
+        cb.add_event(f"ONNX export skipped: {type(exc).__name__}: {exc}"[:500], level="warning")
+    report: dict[str, Any] = {}
+    report_path = artifact_dir / "report.json"
+    if report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            report = {}
+    compression = manifest.get("compression") if isinstance(manifest, dict) else None
+    summary: dict[str, Any] = {"pruned": True, "formats": formats}
+    for src in (compression or {}, report):
+        for key in (
+            "params_before",
+            "params_after",
+            "gated_params_before",
+            "gated_params_after",
+            "measured_sparsity",
+            "flop_ideal_ratio",
+            "max_abs_diff_vs_gated",
+        ):
+            if key in src and key not in summary:
+                summary[key] = src[key]
+    summary["artifact_bytes"] = _artifact_size(artifact_dir)
+    return summary
+
+
+def _free_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def execute_job(
+    job_id: str,
+    *,
+    settings: Settings | None = None,
+    session_factory: sessionmaker[Session] | None = None,
+    worker_id: str | None = None,
+    shutdown: threading.Event | None = None,
+    enqueue: Any = None,
+) -> JobOutcome:
+    """Run one delivery of ``job_id`` to its end (or to a clean stop)."""
+    if settings is None:
+        from api.settings import get_settings
+
+        settings = get_settings()
+    factory = session_factory or session_factory_for(settings)
+    me = worker_id or worker_identity()
+    shutdown = shutdown if shutdown is not None else SHUTDOWN
+    storage = LocalStorage(settings.storage_dir)
+
+    with session_scope(factory) as s:
+        job = s.execute(select(Job).where(Job.id == job_id)).scalar_one_or_none()
+        if job is None:
+            log.warning("job %s does not exist; dropping the message", job_id)
+            return JobOutcome("missing")
+        if job.status != jobstate.QUEUED:
+            # Duplicate delivery, a job cancelled while queued, or one a live worker holds.
+            return JobOutcome("skipped", job.status)
+        run_dir = Path(job.run_dir) if job.run_dir else settings.runs_dir / job.id
+        if not jobstate.claim(s, job_id, me, run_dir=str(run_dir)):
+            return JobOutcome("skipped", "claimed by another worker")
+        job = s.execute(select(Job).where(Job.id == job_id)).scalar_one()
+        s.expunge(job)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cb = JobCallback(
+        factory,
+        job_id,
+        me,
+        deadline=time.monotonic() + float(settings.max_job_seconds),
+        shutdown=shutdown,
+    )
+    beat = HeartbeatThread(cb, heartbeat_interval(settings))
+    beat.start()
+    try:
+        return _run_claimed(job, run_dir, settings, factory, storage, cb, me, enqueue)
+    finally:
+        beat.stop()
+        _free_memory()
+
+
+def _run_claimed(
+    job: Job,
+    run_dir: Path,
+    settings: Settings,
+    factory: sessionmaker[Session],
+    storage: LocalStorage,
+    cb: JobCallback,
+    me: str,
+    enqueue: Any,
+) -> JobOutcome:
+    from core.errors import FineGatesError
+
+    job_id = job.id
+    try:
+        from core.config import JobConfig
+        from core.train import train
+
+        with session_scope(factory) as s:
+            training_file = _file_path(s, storage, job.training_file)
+            validation_file = _file_path(s, storage, job.validation_file)
+        config = JobConfig(
+            model=job.model,
+            training_file=training_file or "",
+            task=job.task,
+            validation_file=validation_file,
+            hyperparameters=dict(job.hyperparameters or {}),
+            seed=job.seed,
+            data_dir=str(settings.data_path),
+            allow_hub=settings.allow_hub,
+        )
+        result = train(config, run_dir, cb, resume=True)
+        cb.flush()
+        if cb.stop_reason is not None:
+            return _stopped(job_id, cb, factory, me, enqueue)
+
+        cb.add_event(
+            f"Training finished ({result.status}) after {result.steps} steps; measured "
+            f"sparsity {float(result.measured_sparsity):.3f}"
+        )
+        artifact_rel = Path("artifacts") / job_id
+        summary = package_run(run_dir, settings.data_path / artifact_rel, cb)
+        summary.setdefault("measured_sparsity", float(result.measured_sparsity))
+        target = (job.hyperparameters or {}).get("target_sparsity")
+        if target is None:
+            target = job.target_sparsity
+        summary["target_sparsity"] = target
+        cb.flush()
+        if cb.stop_reason is not None:  # cancelled or reaped while pruning
+            return _stopped(job_id, cb, factory, me, enqueue)
+
+        ft_id = fine_tuned_model_id(job.model, job.suffix, job_id)
+        last = cb.last_step
+        with session_scope(factory) as s:
+            ok = jobstate.finish_succeeded(
+                s,
+                job_id,
+                me,
+                fine_tuned_model=ft_id,
+                artifact_dir=str(artifact_rel),
+                trained_tokens=int(last.tokens) if last is not None and last.tokens else None,
+                measured_sparsity=float(result.measured_sparsity),
+                compression=summary,
+            )
+        if not ok:
+            return JobOutcome("lost", "the job left this worker before it could finish")
+        return JobOutcome("succeeded", ft_id, {"summary": summary, "steps": result.steps})
+    except FineGatesError as exc:
+        cb.flush()
+        info = exc.to_dict()
+        with session_scope(factory) as s:
+            jobstate.finish_failed(
+                s, job_id, info["code"], info["message"], info.get("param"), worker_id=me
+            )
+        return JobOutcome("failed", info["code"], info)
+    except Exception as exc:
+        log.exception("job %s failed with an internal error", job_id)
+        tb = traceback.format_exc()
+        cb.flush()
+        message = f"internal error: {type(exc).__name__}: {exc}"[:500]
+        with session_scope(factory) as s:
+            jobstate.add_event(
+                s, job_id, "Internal error traceback", level="error", data={"traceback": tb[-8000:]}
+            )
+            jobstate.finish_failed(s, job_id, "internal_error", message, None, worker_id=me)
+        return JobOutcome("failed", "internal_error", {"message": message})
+
+
+def _stopped(
+    job_id: str, cb: JobCallback, factory: sessionmaker[Session], me: str, enqueue: Any
+) -> JobOutcome:
+    reason = cb.stop_reason
+    with session_scope(factory) as s:
+        if reason == "cancelled":
+            step = cb.last_step.step if cb.last_step is not None else 0
+            jobstate.finish_cancelled(s, job_id, me, f"Job cancelled at step {step}")
+            return JobOutcome("cancelled")
+        if reason == "lost":
+            return JobOutcome("lost", "the job was taken from this worker (stale heartbeat)")
+        if reason == "timeout":
+            jobstate.finish_failed(
+                s,
+                job_id,
+                "job_timeout",
+                "the job ran longer than the service's maximum job time "
+                "(FINEGATES_MAX_JOB_SECONDS)",
+                None,
+                worker_id=me,
+            )
+            return JobOutcome("failed", "job_timeout")
+        # shutdown: hand the job back; it resumes from the checkpoint just written.
+        released = jobstate.release(
+            s, job_id, me, "Worker shutting down; job requeued to resume from its checkpoint"
+        )
+        row = s.execute(select(Job.queue).where(Job.id == job_id)).scalar_one_or_none()
+    if released:
+        (enqueue or _default_enqueue)(job_id, queue=row)
+        return JobOutcome("requeued")
+    return JobOutcome("lost", "the job left this worker during shutdown")
+
+
+def _default_enqueue(job_id: str, queue: str | None = None) -> None:
+    from worker.dispatch import enqueue_job
+
+    enqueue_job(job_id, queue=queue)
+
+
+@shared_task(name=TASK_RUN_JOB, acks_late=True, ignore_result=True)
+def run_job(job_id: str) -> str:
+    outcome = execute_job(job_id)
+    log.info("job %s: %s %s", job_id, outcome.status, outcome.detail)
+    return outcome.status
+
+
+# --- worker lifecycle -----------------------------------------------------------------
+
+
+@worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """Start the reaper loop and re-publish queued jobs this worker serves."""
+    from api.settings import get_settings
+    from worker.reaper import start_reaper
+
+    settings = get_settings()
+    try:
+        queues = sorted(sender.app.amqp.queues.consume_from.keys())  # type: ignore[union-attr]
+    except Exception:
+        queues = ["cpu", "gpu"]
+    start_reaper(settings, session_factory_for(settings), queues=queues)
+
+
+@worker_shutting_down.connect
+def _on_worker_shutting_down(**_: Any) -> None:
+    SHUTDOWN.set()
+    from worker.reaper import stop_reaper
+
+    stop_reaper()
