@@ -397,7 +397,7 @@ def finish_cancelled(
     )
 
 
-def release(session: Session, job_id: str, worker_id: str, message: str) -> bool:
+def release(session: Session, job_id: str, worker_id: str, message: str | None = None) -> bool:
     """running -> queued by its own worker, which is shutting down cleanly (added by C2).
 
     The worker has just written a checkpoint, so the attempt it used is given back: a
@@ -418,7 +418,9 @@ def release(session: Session, job_id: str, worker_id: str, message: str) -> bool
     if not ok:
         session.rollback()
         return False
-    add_event(session, job_id, message, level="warning", commit=False)
+    add_event(
+        session, job_id, message or "Job handed back to the queue", level="warning", commit=False
+    )
     session.commit()
     return True
 

@@ -303,15 +303,17 @@ def create_job(
     try:
         enqueue(job.id, job.queue)
     except Exception as exc:
+        # The job is committed and stays queued: workers re-publish queued jobs when they
+        # start (worker/reaper.py), so answering an error here would only invite a
+        # duplicate submission.
         log.exception("enqueue failed for %s", job.id)
-        jobstate.finish_failed(
-            session, job.id, "queue_unavailable", f"The job could not be queued: {exc}"
+        jobstate.add_event(
+            session,
+            job.id,
+            f"The queue could not be reached ({type(exc).__name__}); the job stays queued "
+            "and is published again when a worker starts",
+            level="warning",
         )
-        raise APIError(
-            503,
-            f"The job queue is unavailable; job {job.id} was marked failed. Try again later.",
-            code="queue_unavailable",
-        ) from None
     return _job_response(session, job)
 
 
