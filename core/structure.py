@@ -448,7 +448,11 @@ def sparsity_by_type(model: nn.Module, structure: ModelStructure | None = None) 
 
 
 def _probs(
-    model: nn.Module, name: str, probs: str, sigma: float | None
+    model: nn.Module,
+    name: str,
+    probs: str,
+    sigma: float | None,
+    grad_scale: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     m = model.get_submodule(name)
     if not isinstance(m, GatedLinear):
@@ -463,6 +467,9 @@ def _probs(
         soft_r, soft_c = m.keep_probs(0.5 if sigma is None else sigma)
         z_r, z_c = m.eval_gates()
         hard_r, hard_c = (z_r > 0).to(soft_r.dtype), (z_c > 0).to(soft_c.dtype)
+        if grad_scale and name in grad_scale:  # per-line gradient weights (kurtosis)
+            g_r, g_c = grad_scale[name]
+            soft_r, soft_c = soft_r * g_r, soft_c * g_c
         return hard_r + soft_r - soft_r.detach(), hard_c + soft_c - soft_c.detach()
     raise ValueError(f"probs must be 'open', 'keep' or 'st', got {probs!r}")
 
@@ -485,13 +492,15 @@ def expected_kept_params(
     structure: ModelStructure | None = None,
     probs: str = "open",
     min_sigma: float | None = None,
+    grad_scale: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, int]:
     """(expected gated params kept after pruning [differentiable], gated params before).
 
     Gates are treated as independent with "alive" probability q (probs="open": the
     probability the training gate is > 0, which saturates to 0/1; probs="keep": the paper's
     keep probability; probs="st": straight-through, the eval-gate 0/1 value with the keep
-    probability's gradient, so the value IS the measured count). AND of alive = product, OR = 1 - prod(1 - q), so with q in {0, 1}
+    probability's gradient, so the value IS the measured count; grad_scale optionally
+    scales that gradient per row/column, by module name). AND of alive = product, OR = 1 - prod(1 - q), so with q in {0, 1}
     this reproduces build_plan's count exactly (the uniform per-layer max is a
     straight-through max).
     """
@@ -505,11 +514,11 @@ def expected_kept_params(
     H, G, d, gs = S.num_heads, S.num_kv_heads, S.head_dim, S.group_size
 
     def rows(n: str, size: int) -> Tensor:
-        r = _probs(model, n, probs, min_sigma)[0]
+        r = _probs(model, n, probs, min_sigma, grad_scale)[0]
         return _ones_like_shape(size, ref) if r is None else r
 
     def cols(n: str, size: int) -> Tensor:
-        c = _probs(model, n, probs, min_sigma)[1]
+        c = _probs(model, n, probs, min_sigma, grad_scale)[1]
         return _ones_like_shape(size, ref) if c is None else c
 
     for ls in S.layers:
@@ -563,7 +572,8 @@ def expected_removed_fraction(
     structure: ModelStructure | None = None,
     probs: str = "open",
     min_sigma: float | None = None,
+    grad_scale: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """Differentiable counterpart of measured_sparsity (see expected_kept_params)."""
-    kept, before = expected_kept_params(model, structure, probs, min_sigma)
+    kept, before = expected_kept_params(model, structure, probs, min_sigma, grad_scale)
     return 1 - kept / before
