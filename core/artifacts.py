@@ -149,6 +149,7 @@ def save_artifact(
     compression: dict | None = None,
     dense_source: str | None = None,
     original_shape: dict | None = None,
+    extra: dict | None = None,
     write_hf: bool = True,
 ) -> dict:
     """Write the artifact directory; returns the manifest that was written.
@@ -195,6 +196,8 @@ def save_artifact(
         "hf_subfolder": HF_DIR if hf_written else None,
         "files": files,
     }
+    for k, v in (extra or {}).items():
+        manifest.setdefault(k, v)
     manifest = _jsonable(manifest)
     _write_json(out / MANIFEST, manifest)
     return manifest

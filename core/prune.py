@@ -681,8 +681,36 @@ def _gated_after_layer(g: _Geometry, m: dict, blk: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- runs
-def prune_run(run_dir: str | Path, output_dir: str | Path, check_inputs: int = 4) -> dict:
-    """Load a trained gated run, prune it, write the artifact; returns the manifest."""
+def original_shape(model: nn.Module) -> dict:
+    """Base-model geometry: lets `bench` rebuild the dense reference from an artifact."""
+    g = _geometry(model)
+    return {
+        "num_layers": g.n_layers,
+        "num_heads": g.n_heads,
+        "num_kv_heads": g.n_kv,
+        "head_dim": g.head_dim,
+        "intermediate_size": g.ffn,
+    }
+
+
+def base_weights_hash(gated_model: nn.Module, head_modules: list[str] | None = None) -> str:
+    """Content hash of the weights the run started from: every tensor except gate logits
+    and the task head (what a user needs to match the base model, not the training)."""
+    from core.artifacts import state_hash
+
+    gate_names = {"row_logits", "col_logits", "lora_A", "lora_B"}
+    heads = tuple(f"{h}." for h in (head_modules or []))
+    tensors = {}
+    for n, t in gated_model.state_dict().items():
+        if n.rsplit(".", 1)[-1] in gate_names or n.startswith(heads):
+            continue
+        tensors[n.replace(".base.", ".")] = t
+    return state_hash(tensors)
+
+
+def prune_run(run_dir: str | Path, output_dir: str | Path, check_batch: int = 4) -> dict:
+    """Load a trained gated run (``core.train.load_gated_run``), prune it, check it against
+    the gated model on random inputs, write the artifact; returns the manifest."""
     from core.artifacts import save_artifact
     from core.train import load_gated_run
 
@@ -690,33 +718,40 @@ def prune_run(run_dir: str | Path, output_dir: str | Path, check_inputs: int = 4
     gated, tokenizer, info = load_gated_run(run_dir)
     gated.eval()
     pruned, plan = prune_model(gated)
-    diff = max_abs_diff(gated, pruned, batch=check_inputs)
+    diff = max_abs_diff(gated, pruned, batch=check_batch)
     figures = compression_figures(gated, pruned, plan)
     figures["max_abs_diff_vs_gated"] = diff
     if diff > 1e-3:
         log.warning("pruned model differs from the gated model by %.3g", diff)
-    metrics = {}
-    mpath = run_dir / "metrics.jsonl"
-    if mpath.exists():
-        lines = [ln for ln in mpath.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if lines:
-            metrics = {"last": json.loads(lines[-1])}
-    info = dict(info) if isinstance(info, dict) else dict(getattr(info, "__dict__", {}))
+    info = dict(info)
     training_config = None
     cpath = run_dir / "config.json"
     if cpath.exists():
         training_config = json.loads(cpath.read_text(encoding="utf-8"))
-    return save_artifact(
+    elif "hyperparameters" in info:
+        training_config = {"hyperparameters": info["hyperparameters"]}
+    labels = info.get("labels")
+    if not labels and getattr(gated.config, "id2label", None) and hasattr(gated, "classifier"):
+        labels = {str(k): v for k, v in gated.config.id2label.items()}
+    manifest = save_artifact(
         pruned,
         tokenizer,
         output_dir,
         plan=plan,
-        base_model=info.get("base_model") or info.get("base_model_id"),
-        base_model_hash=info.get("base_model_hash"),
+        base_model=info.get("base_model"),
+        base_model_hash=base_weights_hash(gated, info.get("head_modules")),
         task=info.get("task"),
-        labels=info.get("labels"),
+        labels=labels,
         training_config=training_config,
-        metrics=metrics,
+        metrics=info.get("metrics") or {},
         compression=figures,
         dense_source=info.get("base_model_path"),
+        original_shape=original_shape(gated),
+        extra={
+            "problem_type": info.get("problem_type"),
+            "measured_sparsity": info.get("measured_sparsity"),
+            "max_length": info.get("max_length"),
+            "source_run": str(run_dir.resolve()),
+        },
     )
+    return manifest

@@ -235,21 +235,19 @@ class PrunedLlamaModel(nn.Module):
         past = cache.length if cache is not None else 0
         S = past + T
         mask = None
+        dev = input_ids.device
+        qpos = torch.arange(past, S, device=dev)[:, None]  # (T, 1) absolute query positions
+        kpos = torch.arange(S, device=dev)[None, :]  # (1, S)
         if attention_mask is not None:
-            am = attention_mask.to(torch.bool)  # (B, S)
+            am = attention_mask.to(torch.bool)[:, None, None, :S]  # (B, 1, 1, S)
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:S]  # (B, T)
-            causal = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(past)
-            mask = causal[None, None] & am[:, None, None, :S]  # (B, 1, T, S)
-            # a padding query row would see no key at all: let it see itself (avoids NaN)
-            eye = torch.zeros(T, S, dtype=torch.bool, device=input_ids.device)
-            eye[:, past:S] = torch.eye(T, dtype=torch.bool, device=input_ids.device)
-            mask = mask | eye[None, None]
+            # causal AND not padding; a padding query row would see no key at all, so it
+            # may see itself (avoids NaN rows; its output is never used)
+            mask = ((kpos <= qpos)[None, None] & am) | (kpos == qpos)[None, None]
         else:
-            pos = torch.arange(past, S, device=input_ids.device)[None].expand(B, T)
+            pos = torch.arange(past, S, device=dev)[None].expand(B, T)
             if cache is not None and past > 0 and T > 1:
-                # chunk after a prefix: causal mask aligned bottom-right
-                causal = torch.ones(T, S, dtype=torch.bool, device=input_ids.device)
-                mask = causal.tril(past)[None, None]
+                mask = (kpos <= qpos)[None, None]  # chunk after a prefix: bottom-right causal
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, pos, mask, cache, i)
