@@ -252,38 +252,27 @@ class HFStepper:
 
 
 class FineGatesStepper:
-    """KV-cached decoding for core.pruned.llama models (cache object passed explicitly)."""
+    """KV-cached decoding for core.pruned.llama.PrunedLlamaModel.
 
-    def __init__(self, model: Any) -> None:
+    Its cache is preallocated (no torch.cat per token), so the stepper is told the longest
+    sequence it will see: prompt + max_tokens, which the routes have already checked against
+    the model's context limit.
+    """
+
+    def __init__(self, model: Any, max_len: int) -> None:
         self.model = model
+        self.max_len = int(max_len)
         self.cache: Any = None
-        self._names = _forward_kwargs(model)
-        self._cache_arg = next(
-            (n for n in ("kv_cache", "cache", "past_key_values", "past") if n in self._names), None
-        )
-
-    def _call(self, ids: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.model, "new_cache") and self.cache is None:
-            self.cache = self.model.new_cache(batch_size=1)
-        if self._cache_arg is None:
-            out = self.model(ids)
-        else:
-            out = self.model(ids, **{self._cache_arg: self.cache})
-        if isinstance(out, tuple) and len(out) == 2 and not isinstance(out[1], torch.Tensor):
-            logits, self.cache = out
-        else:
-            logits = _logits_of(out)
-            new_cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-            if new_cache is not None:
-                self.cache = new_cache
-        return logits[0, -1]
 
     def prefill(self, input_ids: list[int]) -> torch.Tensor:
-        self.cache = None
-        return self._call(torch.tensor([input_ids]))
+        from core.pruned.llama import KVCache
+
+        self.cache = KVCache(self.model, 1, max(self.max_len, len(input_ids) + 1))
+        ids = torch.tensor([input_ids])  # (1, T)
+        return self.model(ids, cache=self.cache, last_only=True)[0, -1]
 
     def step(self, token_id: int) -> torch.Tensor:
-        return self._call(torch.tensor([[token_id]]))
+        return self.model(torch.tensor([[token_id]]), cache=self.cache)[0, -1]
 
 
 class CausalLMBackend:
@@ -299,6 +288,8 @@ class CausalLMBackend:
         cfg_eos = getattr(getattr(model, "config", None), "eos_token_id", None)
         ids: set[int] = set()
         for v in (eos, cfg_eos):
+            if isinstance(v, list) and not v:
+                continue
             if isinstance(v, int):
                 ids.add(v)
             elif isinstance(v, (list, tuple)):
@@ -309,8 +300,9 @@ class CausalLMBackend:
     def nbytes(self) -> int:
         return module_bytes(self.model)
 
-    def new_stepper(self) -> HFStepper | FineGatesStepper:
-        return HFStepper(self.model) if self.hf_style else FineGatesStepper(self.model)
+    def new_stepper(self, max_len: int) -> HFStepper | FineGatesStepper:
+        """A fresh decoding session; ``max_len`` = prompt + max_tokens (cache size)."""
+        return HFStepper(self.model) if self.hf_style else FineGatesStepper(self.model, max_len)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])

@@ -224,7 +224,11 @@ class InferenceEngine:
             parts: list[str] = []
             tokens, reason = 0, "length"
             for chunk in generate_stream(
-                backend.new_stepper(), prompt_ids, backend.decode, params, backend.eos_token_ids
+                backend.new_stepper(len(prompt_ids) + params.max_tokens),
+                prompt_ids,
+                backend.decode,
+                params,
+                backend.eos_token_ids,
             ):
                 parts.append(chunk.text)
                 tokens = chunk.completion_tokens
@@ -257,7 +261,7 @@ class InferenceEngine:
             reason, tokens = "length", 0
             try:
                 for chunk in generate_stream(
-                    backend.new_stepper(),
+                    backend.new_stepper(len(prompt_ids) + params.max_tokens),
                     prompt_ids,
                     backend.decode,
                     params,

@@ -58,7 +58,9 @@ class Deployment:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
-def make_deployment(root: Path, bert_dir: Path, llama_dir: Path) -> Deployment:
+def make_deployment(
+    root: Path, bert_dir: Path, llama_dir: Path, base_lm_dir: Path | None = None
+) -> Deployment:
     """Tenants alice and bob; alice owns a classifier and an LM; 'tiny-base-lm' is shared."""
     from sqlalchemy import select
 
@@ -101,7 +103,8 @@ def make_deployment(root: Path, bert_dir: Path, llama_dir: Path) -> Deployment:
         )
         session.commit()
     engine.dispose()
-    register_model("tiny-base-lm", llama_dir, data_dir)
+    if base_lm_dir is not None or (llama_dir / "config.json").is_file():
+        register_model("tiny-base-lm", base_lm_dir or llama_dir, data_dir)
     return Deployment(
         settings=settings,
         keys=keys,

@@ -388,7 +388,7 @@ def test_client_disconnect_stops_generation(server, deployment):
             time.sleep(0.05)
             return self.inner.step(token)
 
-    backend.new_stepper = lambda: SlowStepper(original_new_stepper())
+    backend.new_stepper = lambda n: SlowStepper(original_new_stepper(n))
     backend.eos_token_ids = []  # never stop early on its own
     try:
         before = len(server.engine.last_generations)

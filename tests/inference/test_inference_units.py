@@ -239,7 +239,7 @@ def test_kv_cached_decoding_equals_full_recompute(tiny_llama_dir):
     backend = load_dense(tiny_llama_dir)
     model = backend.model
     ids = backend.encode_prompt("abc")
-    stepper = backend.new_stepper()
+    stepper = backend.new_stepper(64)
     cached = [stepper.prefill(ids)]
     seq = list(ids)
     for _ in range(6):

@@ -1,0 +1,120 @@
+"""Pruned FineGates artifacts served through the routes (core.prune + core.artifacts)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from inference_helpers import ServerThread, make_deployment  # noqa: E402
+
+pytest.importorskip("core.artifacts")
+pytest.importorskip("core.prune")
+
+from api.inference import InferenceConfig, InferenceEngine  # noqa: E402
+from api.inference.app import create_inference_app  # noqa: E402
+from api.inference.resolver import DbModelResolver  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    from prune_fixtures import apply_pattern
+    from tiny_models import (
+        BERT_LABELS,
+        build_bert_tokenizer,
+        build_llama_tokenizer,
+        build_tiny_bert_cls,
+        build_tiny_llama,
+    )
+
+    from core.artifacts import save_artifact
+    from core.prune import prune_model
+
+    root = tmp_path_factory.mktemp("artifacts")
+    bert = apply_pattern(build_tiny_bert_cls(seed=3), "heads", seed=3)
+    pruned_bert, plan_b = prune_model(bert)
+    bert_dir = root / "cls"
+    save_artifact(
+        pruned_bert,
+        build_bert_tokenizer(root / "tok"),
+        bert_dir,
+        plan=plan_b,
+        task="classification",
+        labels=BERT_LABELS,
+        base_model="tiny-bert",
+    )
+    llama = apply_pattern(build_tiny_llama(seed=4), "heads", seed=4)
+    pruned_llama, plan_l = prune_model(llama)
+    llama_dir = root / "lm"
+    save_artifact(
+        pruned_llama,
+        build_llama_tokenizer(),
+        llama_dir,
+        plan=plan_l,
+        task="causal_lm",
+        base_model="tiny-llama",
+    )
+    return bert_dir, llama_dir
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, artifacts):
+    bert_dir, llama_dir = artifacts
+    dep = make_deployment(tmp_path_factory.mktemp("dep"), bert_dir, llama_dir)
+    engine = InferenceEngine(InferenceConfig(max_wait_ms=50), DbModelResolver(dep.settings))
+    with ServerThread(create_inference_app(dep.settings, engine=engine)) as srv:
+        yield srv, dep, engine
+
+
+def test_pruned_classifier_matches_direct_artifact_outputs(served, artifacts):
+    from core.artifacts import load_artifact
+
+    srv, dep, engine = served
+    art = load_artifact(artifacts[0])
+    texts = ["the movie was good", "awful plot"]
+    r = httpx.post(
+        srv.base_url + "/classify",
+        json={"model": dep.model_ids["cls"], "input": [[t] for t in texts]},  # a batch, not a pair
+        headers={"Authorization": f"Bearer {dep.keys['alice']}"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    loaded = engine.resolve_and_load(dep.tenant_ids["alice"], dep.model_ids["cls"])
+    assert loaded.backend.backend == "torch"  # no model.onnx / report: PyTorch
+    for text, row in zip(texts, r.json()["data"], strict=True):
+        enc = art.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            probs = torch.softmax(art.model(**enc), -1)[0]
+        names = [art.manifest["id2label"][str(i)] for i in range(probs.numel())]
+        for name, p in zip(names, probs.tolist(), strict=True):
+            assert row["scores"][name] == pytest.approx(p, abs=1e-5)
+
+
+def test_pruned_decoder_generates_like_its_own_generate(served, artifacts):
+    from core.artifacts import load_artifact
+
+    srv, dep, _ = served
+    art = load_artifact(artifacts[1])
+    client = openai.OpenAI(base_url=srv.base_url, api_key=dep.keys["alice"], max_retries=0)
+    prompt = "abc"
+    res = client.completions.create(
+        model=dep.model_ids["lm"], prompt=prompt, max_tokens=10, temperature=0
+    )
+    ids = art.tokenizer(prompt)["input_ids"]
+    out = art.model.generate(torch.tensor([ids]), max_new_tokens=10, temperature=0.0)
+    new = out[0, len(ids) :].tolist()
+    eos = set(art.model.config.eos_token_id or [art.tokenizer.eos_token_id])
+    if any(t in eos for t in new):
+        new = new[: next(i for i, t in enumerate(new) if t in eos)]
+    assert res.choices[0].text == art.tokenizer.decode(new, skip_special_tokens=True)
+    assert res.usage.completion_tokens == len(new)
+    streamed = client.completions.create(
+        model=dep.model_ids["lm"], prompt=prompt, max_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == res.choices[0].text
