@@ -461,17 +461,17 @@ def _probs(
         return m.open_probs() if sigma is None else m.open_probs(min_sigma=sigma)
     if probs == "keep":
         return m.keep_probs()
-    if probs == "st":
-        # value: alive masks of the EVAL gates (so the expectation equals build_plan's count
-        # exactly); gradient: the smooth keep probability with sigma_p = sigma (default 0.5).
-        soft_r, soft_c = m.keep_probs(0.5 if sigma is None else sigma)
+    if probs == "hard":  # alive masks of the eval gates, as floats
         z_r, z_c = m.eval_gates()
-        hard_r, hard_c = (z_r > 0).to(soft_r.dtype), (z_c > 0).to(soft_c.dtype)
-        if grad_scale and name in grad_scale:  # per-line gradient weights (kurtosis)
+        return (z_r > 0).float(), (z_c > 0).float()
+    if probs == "soft":  # keep probability; optional per-line gradient weights (kurtosis)
+        p_r, p_c = m.keep_probs(0.5 if sigma is None else sigma)
+        if grad_scale and name in grad_scale:
             g_r, g_c = grad_scale[name]
-            soft_r, soft_c = soft_r * g_r, soft_c * g_c
-        return hard_r + soft_r - soft_r.detach(), hard_c + soft_c - soft_c.detach()
-    raise ValueError(f"probs must be 'open', 'keep' or 'st', got {probs!r}")
+            p_r = p_r.detach() + g_r * (p_r - p_r.detach())
+            p_c = p_c.detach() + g_c * (p_c - p_c.detach())
+        return p_r, p_c
+    raise ValueError(f"probs must be 'open', 'keep', 'hard' or 'st', got {probs!r}")
 
 
 def _ones_like_shape(n: int, ref: Tensor) -> Tensor:
@@ -498,13 +498,23 @@ def expected_kept_params(
 
     Gates are treated as independent with "alive" probability q (probs="open": the
     probability the training gate is > 0, which saturates to 0/1; probs="keep": the paper's
-    keep probability; probs="st": straight-through, the eval-gate 0/1 value with the keep
-    probability's gradient, so the value IS the measured count; grad_scale optionally
-    scales that gradient per row/column, by module name). AND of alive = product, OR = 1 - prod(1 - q), so with q in {0, 1}
+    keep probability; probs="hard": 0/1 from the eval gates; probs="st": the "hard" value
+    with the gradient of the expectation on keep probabilities with sigma_p = min_sigma,
+    so the value IS the measured count; grad_scale optionally scales that gradient per
+    row/column, by module name). AND of alive = product, OR = 1 - prod(1 - q), so with q in {0, 1}
     this reproduces build_plan's count exactly (the uniform per-layer max is a
     straight-through max).
     """
     S = structure or describe(model)
+    if probs == "st":
+        # Value from the eval gates (== build_plan's count), gradient from the same
+        # formulas on smooth keep probabilities. The whole expectation is swapped, not
+        # each probability: with per-probability straight-through, a group whose lines
+        # all closed together gets zero gradient (a product of hard zeros) and can never
+        # reopen after an overshoot.
+        hard, before = expected_kept_params(model, S, "hard")
+        soft, _ = expected_kept_params(model, S, "soft", min_sigma, grad_scale)
+        return hard.detach() + soft - soft.detach(), before
     gated = gated_modules(model)
     if not gated:
         raise UnsupportedModelError("the model has no gated layers")
