@@ -186,8 +186,9 @@ def save_checkpoint(
         obj_meta = _split_tensors(objective_state or {}, "objective", obj_t)
         save_file({**rng_t, **obj_t}, str(tmp / "rng.safetensors"))
         sched = scheduler.state_dict() if scheduler is not None else None
-        if sched is not None:
-            sched = {k: v for k, v in sched.items() if k != "lr_lambdas"}
+        if sched is not None and "lr_lambdas" in sched:
+            # plain functions are stored as None by LambdaLR; rebuilt from the config
+            sched["lr_lambdas"] = [None for _ in sched["lr_lambdas"]]
         state = {
             "format": "finegates-checkpoint/1",
             "step": int(step),

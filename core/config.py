@@ -130,6 +130,7 @@ class Hyperparameters:
     checkpoint_interval: int | str = AUTO  # defaults to eval_interval
     n_checkpoints: int = 2  # periodic checkpoints kept (the best one is kept in addition)
     eval_max_batches: int | None = None
+    sparsity_warmup_ratio: float = 0.0  # ramp the target from 0 over this share of steps
     sparsity_tolerance: float = 0.03  # a checkpoint may be "best" only within this of target
     max_grad_norm: float | None = 1.0
 
@@ -186,6 +187,9 @@ class Hyperparameters:
         s.n_checkpoints = _num("n_checkpoints", s.n_checkpoints, int, 1, 100)
         s.eval_max_batches = _num(
             "eval_max_batches", s.eval_max_batches, int, 1, 10_000_000, none=True
+        )
+        s.sparsity_warmup_ratio = _num(
+            "sparsity_warmup_ratio", s.sparsity_warmup_ratio, float, 0.0, 1.0
         )
         s.sparsity_tolerance = _num("sparsity_tolerance", s.sparsity_tolerance, float, 0.0, 1.0)
         s.max_grad_norm = _num("max_grad_norm", s.max_grad_norm, float, 0.0, 1e6, none=True)
