@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from api.auth import Principal, authenticate, hash_key
 from api.db.models import File, FineTunedModel, Job
 from api.errors import APIError, not_found
+from api.jobstate import queue_position_expr
 from api.settings import Settings
 from api.storage import LocalStorage
 
@@ -74,11 +75,15 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 def get_owned_job(
     job_id: Annotated[str, Path(max_length=64)], principal: PrincipalDep, session: SessionDep
 ) -> Job:
-    job = session.execute(
-        select(Job).where(Job.id == job_id, Job.tenant_id == principal.tenant_id)
-    ).scalar_one_or_none()
-    if job is None:
+    row = session.execute(
+        select(Job, queue_position_expr()).where(
+            Job.id == job_id, Job.tenant_id == principal.tenant_id
+        )
+    ).one_or_none()
+    if row is None:
         raise not_found("job", job_id)
+    job, position = row
+    job._queue_position = position  # read by jobstate.queue_position: no second query
     return job
 
 

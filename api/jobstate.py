@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import case, func, insert, select, update
+from sqlalchemy.orm import Session, aliased
 
 from api.db.models import Checkpoint, FineTunedModel, Job, JobEvent, JobMetric, new_id, utcnow
 
@@ -496,8 +496,28 @@ def requeue_stale(
     return out
 
 
+def queue_position_expr() -> Any:
+    """A scalar subquery for the queue position of the ``Job`` row being selected.
+
+    Why: GET /jobs/{id} is THE polling route; selecting the row and its queue position in
+    one statement keeps it to one query (served by ix_jobs_queue_status_pk).
+    """
+    ahead = aliased(Job)
+    count = (
+        select(func.count())
+        .select_from(ahead)
+        .where(ahead.queue == Job.queue, ahead.status == QUEUED, ahead.pk < Job.pk)
+        .correlate(Job)
+        .scalar_subquery()
+    )
+    return case((Job.status == QUEUED, count), else_=None)
+
+
 def queue_position(session: Session, job: Job) -> int | None:
     """Queued jobs ahead of this one in its queue (0 = next); None when not queued."""
+    known = getattr(job, "_queue_position", _UNSET)
+    if known is not _UNSET:
+        return known
     if job.status != QUEUED:
         return None
     return session.execute(
@@ -505,3 +525,6 @@ def queue_position(session: Session, job: Job) -> int | None:
         .select_from(Job)
         .where(Job.queue == job.queue, Job.status == QUEUED, Job.pk < job.pk)
     ).scalar_one()
+
+
+_UNSET = object()

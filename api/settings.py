@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(30, ge=0)
     db_pool_timeout_s: float = Field(10.0, gt=0)
     db_echo: bool = False
+    # A liveness ping on every pool checkout costs one extra round trip per request; turn
+    # it on where the database restarts under a running API (connections are recycled anyway).
+    db_pool_pre_ping: bool = False
     # Successful API-key lookups are cached this long (revocation takes effect after it).
     auth_cache_seconds: float = Field(5.0, ge=0)
     # Threads for sync route handlers; polling clients each hold one while they wait.
