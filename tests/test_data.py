@@ -138,3 +138,91 @@ def test_seeded_validation_split_is_stable_and_disjoint():
     assert not ({r["text"] for r in tr1} & {r["text"] for r in va1})
     _, capped = split_validation(recs, 0.5, max_rows=3, seed=3)
     assert len(capped) == 3
+
+
+# ----------------------------------------------------------------------------- tokenization
+def _llama_tok(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+
+
+def _decode_labelled(tok, ex):
+    return tok.decode(
+        [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != -100]
+    )
+
+
+def test_chat_loss_only_on_assistant_tokens(tiny_llama_dir):
+    from core.tokenize import encode_lm
+
+    tok = _llama_tok(tiny_llama_dir)
+    rec = {"messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello", "weight": 1},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "skip me", "weight": 0},
+        {"role": "user", "content": "last"},
+        {"role": "assistant", "content": "bye", "weight": 1},
+    ]}  # fmt: skip
+    enc = encode_lm([rec], tok, 256, "messages")
+    ex = enc.examples[0]
+    learned = _decode_labelled(tok, ex)
+    # the assistant turns (with their end-of-turn token), nothing from system/user/weight-0
+    assert "hello" in learned and "bye" in learned
+    for absent in ("brief", "there", "again", "skip", "last"):
+        assert absent not in learned
+    n_eos = sum(1 for t, lab in zip(ex["input_ids"], ex["labels"], strict=True)
+                if lab == tok.eos_token_id)  # fmt: skip
+    assert n_eos == 2
+    full = tok.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in rec["messages"]], tokenize=False
+    )
+    assert tok.decode(ex["input_ids"], skip_special_tokens=False).replace(" ", "") == full.replace(
+        " ", ""
+    )
+
+
+def test_prompt_completion_and_text(tiny_llama_dir):
+    from core.tokenize import Collator, encode_lm
+
+    tok = _llama_tok(tiny_llama_dir)
+    enc = encode_lm([{"prompt": "Q: two plus two? A:", "completion": " four"}], tok, 64,
+                    "prompt_completion")  # fmt: skip
+    ex = enc.examples[0]
+    assert _decode_labelled(tok, ex).strip().startswith("four")
+    assert ex["labels"][-1] == tok.eos_token_id and ex["input_ids"][-1] == tok.eos_token_id
+    assert "two" not in _decode_labelled(tok, ex)
+    # a long text is cut into max_length windows with loss on every token
+    txt = encode_lm([{"text": "abcdefghij" * 5}], tok, 16, "text")
+    assert len(txt.examples) >= 3
+    assert all(len(e["input_ids"]) <= 16 for e in txt.examples)
+    assert all(e["labels"] == e["input_ids"] for e in txt.examples)
+    # completions truncated away are dropped, not trained on as all-ignored rows
+    gone = encode_lm([{"prompt": "x" * 40, "completion": "y"}], tok, 8, "prompt_completion")
+    assert gone.dropped == 1 and not gone.examples
+    batch = Collator(tok.pad_token_id, lm=True)(txt.examples[-1:] + txt.examples[:1])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    short = int(batch["attention_mask"][0].sum())
+    assert (batch["labels"][0, short:] == -100).all()
+    assert (batch["input_ids"][0, short:] == tok.pad_token_id).all()
+
+
+def test_classification_encoding_and_dynamic_padding(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    from core.tokenize import Collator, encode_classification
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    recs = [{"text": "good", "label": "pos"}, {"text": "the movie was very bad", "label": "neg"},
+            {"text": "fine", "text_pair": "okay", "label": "pos"}]  # fmt: skip
+    enc = encode_classification(recs, tok, 5, {"neg": 0, "pos": 1})
+    assert [e["labels"] for e in enc.examples] == [1, 0, 1]
+    assert max(len(e["input_ids"]) for e in enc.examples) == 5  # truncated
+    assert 1 in enc.examples[2]["token_type_ids"]  # the pair is segment 1
+    b = Collator(tok.pad_token_id, lm=False)(enc.examples[:1])
+    assert b["input_ids"].shape[1] == len(enc.examples[0]["input_ids"])  # no fixed padding
+    assert b["labels"].dtype.is_floating_point is False
+    with pytest.raises(DataError):
+        encode_classification([{"text": "x", "label": "other", "_line": 7}], tok, 8, {"a": 0})
