@@ -123,6 +123,14 @@ class _MultipartSink:
             self.storage.delete(self.blob.key)
 
 
+def _disposition(filename: str) -> str:
+    """ASCII fallback plus RFC 5987 UTF-8 name: header values must be latin-1 safe."""
+    from urllib.parse import quote
+
+    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "_").replace("?", "_")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
+
+
 def _data_error_message(filename: str, exc: Any) -> str:
     where = [filename]
     if getattr(exc, "line", None) is not None:
@@ -326,7 +334,7 @@ def get_file_content(f: OwnedFile, storage: StorageDep) -> StreamingResponse:
         media_type="application/octet-stream",
         headers={
             "Content-Length": str(path.stat().st_size),
-            "Content-Disposition": f'attachment; filename="{f.filename}"',
+            "Content-Disposition": _disposition(f.filename),
         },
     )
 

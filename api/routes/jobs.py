@@ -339,10 +339,11 @@ def list_jobs(
         if pk is None:
             raise APIError(400, f"No job with id '{after}' to page after", param="after")
         q = q.where(Job.pk < pk)
-    rows = list(session.execute(q.order_by(Job.pk.desc()).limit(limit + 1)).scalars())
+    q = q.add_columns(jobstate.queue_position_expr())
+    rows = list(session.execute(q.order_by(Job.pk.desc()).limit(limit + 1)).all())
     return {
         "object": "list",
-        "data": [_job_response(session, j) for j in rows[:limit]],
+        "data": [job_to_dict(j, pos) for j, pos in rows[:limit]],
         "has_more": len(rows) > limit,
     }
 

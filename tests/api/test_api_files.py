@@ -118,3 +118,12 @@ def test_auth_required(client):
     r = client.get("/v1/files", headers={"Authorization": "Bearer fg-not-a-real-key-000000000"})
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_unicode_filename_round_trip(client, make_headers):
+    h = make_headers("files-u")
+    f = upload(client, h, cls_bytes(4), name="données été.jsonl").json()
+    assert f["filename"] == "données été.jsonl"
+    r = client.get(f"/v1/files/{f['id']}/content", headers=h)
+    assert r.status_code == 200 and r.content == cls_bytes(4)
+    assert "filename*=UTF-8''" in r.headers["content-disposition"]
