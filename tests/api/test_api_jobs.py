@@ -280,3 +280,21 @@ def test_events_pagination(client, make_headers, sessions):
     last = p1["data"][-1]["id"]
     p2 = client.get(f"/v1/fine_tuning/jobs/{jid}/events?limit=3&after={last}", headers=h).json()
     assert [e["message"] for e in p2["data"]][:2] == ["note 1", "note 0"]
+
+
+def test_concurrent_claims_exactly_one_wins(client, make_headers, sessions):
+    from concurrent.futures import ThreadPoolExecutor
+
+    h = make_headers("jobs-race")
+    fid = _file(client, h)
+    jid = client.post("/v1/fine_tuning/jobs", headers=h, json=job_body(fid)).json()["id"]
+
+    def _claim(i: int) -> bool:
+        with sessions() as s:
+            return jobstate.claim(s, jid, f"w{i}")
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(_claim, range(6)))
+    assert sum(results) == 1
+    j = client.get(f"/v1/fine_tuning/jobs/{jid}", headers=h).json()
+    assert j["status"] == "running" and j["attempts"] == 1
