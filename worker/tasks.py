@@ -144,6 +144,18 @@ def _package_gated(run_dir: Path, artifact_dir: Path, note: str) -> dict[str, An
     return manifest
 
 
+def _report_shapes(model: Any) -> tuple[tuple[int, int], ...]:
+    """The report's default (batch, seq_len) shapes, capped at the model's position limit
+    (a small model cannot time a 128-token input it has no positions for)."""
+    from core import report
+
+    shapes = getattr(report, "DEFAULT_SHAPES", ((1, 64), (32, 128)))
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return tuple(shapes)
+    return tuple((b, min(t, limit)) for b, t in shapes)
+
+
 def package_run(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str, Any]:
     """Prune the trained run into the artifact directory, export ONNX, write the report.
 
@@ -165,21 +177,35 @@ def package_run(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str,
     cb.beat()
     formats = ["tar", "safetensors"]
     try:
-        from core import onnx_export
+        from core.onnx_export import export_artifact_onnx
 
-        export = getattr(onnx_export, "export_artifact", None) or onnx_export.export_onnx
-        export(artifact_dir)
+        export_artifact_onnx(artifact_dir)
         formats.append("onnx")
         cb.add_event("Exported the pruned model to ONNX")
     except Exception as exc:  # optional extra
         cb.add_event(f"ONNX export skipped: {type(exc).__name__}: {exc}"[:500], level="warning")
+    cb.beat()
     report: dict[str, Any] = {}
-    report_path = artifact_dir / "report.json"
-    if report_path.is_file():
-        try:
-            report = json.loads(report_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            report = {}
+    try:
+        from core.artifacts import load_artifact
+        from core.report import compression_report
+
+        loaded = load_artifact(artifact_dir, load_tokenizer=False)
+        backends = ("torch", "onnxruntime") if "onnx" in formats else ("torch",)
+        report = compression_report(
+            loaded.model,
+            loaded.manifest,
+            artifact_dir,
+            shapes=_report_shapes(loaded.model),
+            backends=backends,
+        )
+        tmp = artifact_dir / "report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        os.replace(tmp, artifact_dir / "report.json")
+        cb.add_event("Wrote the compression report (parameters, sizes, latency dense vs pruned)")
+    except Exception as exc:  # the model is usable without its latency report
+        log.exception("compression report failed")
+        cb.add_event(f"Compression report skipped: {type(exc).__name__}: {exc}"[:500], "warning")
     compression = manifest.get("compression") if isinstance(manifest, dict) else None
     summary: dict[str, Any] = {"pruned": True, "formats": formats}
     for src in (compression or {}, report):
@@ -188,12 +214,19 @@ def package_run(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str,
             "params_after",
             "gated_params_before",
             "gated_params_after",
-            "measured_sparsity",
+            "params_removed_fraction",
+            "gated_removed_fraction",
             "flop_ideal_ratio",
             "max_abs_diff_vs_gated",
         ):
             if key in src and key not in summary:
                 summary[key] = src[key]
+    latency = [r for r in report.get("latency", []) if isinstance(r, dict)]
+    if latency:
+        summary["latency"] = [
+            {k: r.get(k) for k in ("backend", "batch", "seq_len", "dense_ms", "pruned_ms", "ratio")}
+            for r in latency
+        ]
     summary["artifact_bytes"] = _artifact_size(artifact_dir)
     return summary
 
