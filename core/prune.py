@@ -386,27 +386,57 @@ def _slice(w: Tensor, b: Tensor | None, rows: Tensor | None = None, cols: Tensor
     return w, b
 
 
-def _layer_shapes(g: _Geometry, plan: Any) -> list[dict]:
+def _pad_dims(dims: list[int], target: int, hd: int, rope: bool) -> list[int]:
+    """Extend a kept-dims list with dropped (dead, so exactly-zero-contribution) dims of
+    the same head up to ``target``; with RoPE whole dead pairs are added."""
+    if len(dims) >= target:
+        return dims
+    kept = set(dims)
+    if rope:
+        half = hd // 2
+        extra = [d for d in range(half) if d not in kept][: (target - len(dims)) // 2]
+        return sorted(kept | set(extra) | {d + half for d in extra})
+    return sorted(kept | set([d for d in range(hd) if d not in kept][: target - len(dims)]))
+
+
+def _effective_layers(g: _Geometry, plan: Any, equal_head_dims: bool) -> list[dict]:
+    """Per layer: kept groups, q/k and v/o dims per group, FFN neurons, as ints.
+
+    ``equal_head_dims``: pad the shorter of q/k and v/o with dropped (dead) dims so both
+    have the same width. CPU SDPA's fused (flash) kernel needs equal head dims; with
+    unequal ones it falls back to the unfused math path, which costs more than the few
+    extra projection rows (see bench/bench_prune.py)."""
     out = []
     for lp in _plan_layers(plan):
-        kv = list(_get(lp, "kv_heads_kept"))
-        qk, vo = list(_get(lp, "qk_dims")), list(_get(lp, "vo_dims"))
+        kv = [int(x) for x in _get(lp, "kv_heads_kept")]
+        qk = [[int(d) for d in dims] for dims in _get(lp, "qk_dims")]
+        vo = [[int(d) for d in dims] for dims in _get(lp, "vo_dims")]
+        if equal_head_dims and kv and qk[0] and vo[0] and len(qk[0]) != len(vo[0]):
+            target = max(len(qk[0]), len(vo[0]))
+            if g.rope and (target - len(qk[0])) % 2:
+                target += 1  # q/k grow by whole pairs; v/o follow
+            qk = [_pad_dims(d, target, g.head_dim, g.rope) for d in qk]
+            vo = [_pad_dims(d, target, g.head_dim, False) for d in vo]
         out.append(
             {
+                "kv": kv,
+                "heads": [int(h) for h in _get(lp, "heads_kept")],
+                "qk": qk,
+                "vo": vo,
+                "ffn": [int(j) for j in _get(lp, "ffn_kept")],
                 "n": len(kv),
                 "d_qk": len(qk[0]) if kv else 0,
                 "d_vo": len(vo[0]) if kv else 0,
-                "ffn": len(list(_get(lp, "ffn_kept"))),
             }
         )
     return out
 
 
 @torch.no_grad()
-def _build_bert(model: nn.Module, g: _Geometry, plan: Any) -> PrunedBertModel:
+def _build_bert(model: nn.Module, g: _Geometry, plan: Any, equal: bool) -> PrunedBertModel:
     enc = _bert_encoder(model)
     cfg = model.config
-    shapes = _layer_shapes(g, plan)
+    shapes = _effective_layers(g, plan, equal)
     mods = _layer_modules(model, "bert")
     num_labels = 0
     head = getattr(model, "classifier", None)
@@ -421,7 +451,7 @@ def _build_bert(model: nn.Module, g: _Geometry, plan: Any) -> PrunedBertModel:
         type_vocab_size=cfg.type_vocab_size,
         layer_norm_eps=cfg.layer_norm_eps,
         pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0,
-        layers=[BertLayerShape(s["n"], s["d_qk"], s["d_vo"], s["ffn"]) for s in shapes],
+        layers=[BertLayerShape(s["n"], s["d_qk"], s["d_vo"], len(s["ffn"])) for s in shapes],
         hidden_act=cfg.hidden_act,
         model_type=cfg.model_type,
         num_labels=num_labels,
@@ -437,10 +467,8 @@ def _build_bert(model: nn.Module, g: _Geometry, plan: Any) -> PrunedBertModel:
     _copy_emb(e_dst.token_type_embeddings, e_src.token_type_embeddings)
     _copy_norm(e_dst.LayerNorm, e_src.LayerNorm)
     hd = g.head_dim
-    for m, lp, dst in zip(mods, _plan_layers(plan), pm.layers, strict=True):
-        heads = [int(h) for h in _get(lp, "heads_kept")]
-        qk = [list(map(int, d)) for d in _get(lp, "qk_dims")]
-        vo = [list(map(int, d)) for d in _get(lp, "vo_dims")]
+    for m, lp, dst in zip(mods, shapes, pm.layers, strict=True):
+        heads, qk, vo = lp["heads"], lp["qk"], lp["vo"]
         qk_rows = _rows(list(zip(heads, qk, strict=True)), hd)
         vo_rows = _rows(list(zip(heads, vo, strict=True)), hd)
         wq, bq = _slice(*_folded(m["q"]), rows=qk_rows)
@@ -450,7 +478,7 @@ def _build_bert(model: nn.Module, g: _Geometry, plan: Any) -> PrunedBertModel:
             b = None if bq is None else torch.cat([bq, bk, bv])
             _lin(dst.qkv, torch.cat([wq, wk, wv]), b)
         _lin(dst.o, *_slice(*_folded(m["o"]), cols=vo_rows))
-        ffn = torch.tensor([int(j) for j in _get(lp, "ffn_kept")], dtype=torch.long)
+        ffn = torch.tensor(lp["ffn"], dtype=torch.long)
         _lin(dst.up, *_slice(*_folded(m["up"]), rows=ffn))
         _lin(dst.down, *_slice(*_folded(m["down"]), cols=ffn))
         _copy_norm(dst.ln1, m["ln1"])
@@ -481,9 +509,9 @@ def _rope_theta(cfg) -> float | None:
 
 
 @torch.no_grad()
-def _build_llama(model: nn.Module, g: _Geometry, plan: Any) -> PrunedLlamaModel:
+def _build_llama(model: nn.Module, g: _Geometry, plan: Any, equal: bool) -> PrunedLlamaModel:
     cfg = model.config
-    shapes = _layer_shapes(g, plan)
+    shapes = _effective_layers(g, plan, equal)
     mods = _layer_modules(model, "llama")
     group = g.n_heads // g.n_kv
     rot = model.model.rotary_emb
@@ -495,7 +523,7 @@ def _build_llama(model: nn.Module, g: _Geometry, plan: Any) -> PrunedLlamaModel:
         head_dim=g.head_dim,
         group_size=group,
         rms_norm_eps=cfg.rms_norm_eps,
-        layers=[LlamaLayerShape(s["n"], s["d_qk"], s["d_vo"], s["ffn"]) for s in shapes],
+        layers=[LlamaLayerShape(s["n"], s["d_qk"], s["d_vo"], len(s["ffn"])) for s in shapes],
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         attention_bias=ex["q"].bias is not None,
@@ -515,10 +543,8 @@ def _build_llama(model: nn.Module, g: _Geometry, plan: Any) -> PrunedLlamaModel:
     _copy_emb(pm.embed_tokens, model.model.embed_tokens)
     _copy_norm(pm.norm, model.model.norm)
     hd, half = g.head_dim, g.head_dim // 2
-    for m, lp, blk in zip(mods, _plan_layers(plan), pm.layers, strict=True):
-        kv = [int(x) for x in _get(lp, "kv_heads_kept")]
-        qk = [list(map(int, d)) for d in _get(lp, "qk_dims")]
-        vo = [list(map(int, d)) for d in _get(lp, "vo_dims")]
+    for m, lp, blk in zip(mods, shapes, pm.layers, strict=True):
+        kv, qk, vo = lp["kv"], lp["qk"], lp["vo"]
         # query heads are group-major: head h reads KV group h // group
         q_pairs = [(k * group + j, qk[i]) for i, k in enumerate(kv) for j in range(group)]
         o_pairs = [(k * group + j, vo[i]) for i, k in enumerate(kv) for j in range(group)]
@@ -532,7 +558,7 @@ def _build_llama(model: nn.Module, g: _Geometry, plan: Any) -> PrunedLlamaModel:
         if kv and qk[0]:
             # sorted kept dims = [kept first halves, same pairs' second halves]
             a.inv_freq.copy_(torch.stack([inv_freq[[d for d in dims if d < half]] for dims in qk]))
-        ffn = torch.tensor([int(j) for j in _get(lp, "ffn_kept")], dtype=torch.long)
+        ffn = torch.tensor(lp["ffn"], dtype=torch.long)
         wg, bg = _slice(*_folded(m["gate"]), rows=ffn)
         wu, bu = _slice(*_folded(m["up"]), rows=ffn)
         _lin(blk.mlp.gate_up, torch.cat([wg, wu]), None if bg is None else torch.cat([bg, bu]))
@@ -548,21 +574,37 @@ def _build_llama(model: nn.Module, g: _Geometry, plan: Any) -> PrunedLlamaModel:
     return pm.eval()
 
 
+def _check_supported(model: nn.Module, family: str) -> None:
+    if family == "llama" and not hasattr(model, "lm_head"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: physical pruning of decoders supports causal-LM models "
+            "(lm_head); decoder sequence-classification heads are not supported yet"
+        )
+
+
 def prune_model(
-    gated_model: nn.Module, plan: Any = None, check_dead: bool = True
+    gated_model: nn.Module,
+    plan: Any = None,
+    check_dead: bool = True,
+    equal_head_dims: bool = True,
 ) -> tuple[nn.Module, Any]:
     """Validate ``plan`` (default: ``core.structure.build_plan``), then build the pruned
-    module from the folded eval weights. Returns (pruned_module, plan)."""
+    module from the folded eval weights. Returns (pruned_module, plan).
+
+    ``equal_head_dims`` keeps a few dead q/k or v/o dims so both widths match (faster
+    fused attention on CPU); the returned plan is the validated one, the model's
+    config holds the widths actually built."""
     g = _geometry(gated_model)
+    _check_supported(gated_model, g.family)
     if plan is None:
         from core.structure import build_plan, describe
 
         plan = build_plan(gated_model, describe(gated_model))
     validate_plan(gated_model, plan, check_dead=check_dead)
     if g.family == "bert":
-        pm = _build_bert(gated_model, g, plan)
+        pm = _build_bert(gated_model, g, plan, equal_head_dims)
     else:
-        pm = _build_llama(gated_model, g, plan)
+        pm = _build_llama(gated_model, g, plan, equal_head_dims)
     return pm, plan
 
 
