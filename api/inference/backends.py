@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,9 @@ class ClassifierBackend:
         self.backend = backend
         self.regression = regression
         self._session = onnx_session
+        # HF fast tokenizers keep truncation/padding settings as shared mutable state: two
+        # threads encoding at once (one truncating, one not) corrupt each other's output
+        self._tok_lock = threading.Lock()
         self._accepts = _forward_kwargs(model) if model is not None else set()
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
@@ -157,6 +161,10 @@ class ClassifierBackend:
 
     def encode(self, inputs: Sequence[ClassifyInput], truncate: bool = False) -> list[Encoded]:
         """Tokenize; raise InputTooLongError (naming the limit) unless ``truncate``."""
+        with self._tok_lock:
+            return self._encode(inputs, truncate)
+
+    def _encode(self, inputs: Sequence[ClassifyInput], truncate: bool) -> list[Encoded]:
         out: list[Encoded] = []
         for i, item in enumerate(inputs):
             if isinstance(item, str):
@@ -284,6 +292,7 @@ class CausalLMBackend:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.hf_style = hf_style
+        self._tok_lock = threading.Lock()  # see ClassifierBackend: tokenizer state is shared
         eos = getattr(tokenizer, "eos_token_id", None)
         cfg_eos = getattr(getattr(model, "config", None), "eos_token_id", None)
         ids: set[int] = set()
@@ -305,13 +314,15 @@ class CausalLMBackend:
         return HFStepper(self.model) if self.hf_style else FineGatesStepper(self.model, max_len)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        with self._tok_lock:
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
+            with self._tok_lock:
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             if ids and isinstance(ids[0], list):
