@@ -419,3 +419,27 @@ def test_client_disconnect_stops_generation(server, deployment):
     finally:
         backend.new_stepper = original_new_stepper
         backend.eos_token_ids = original_eos
+
+
+def test_embedded_api_app_serves_the_same_routes(deployment, bert_ref):
+    """The API's create_app (embedded default) mounts the inference router with its auth."""
+    from api.app import create_app
+
+    app = create_app(deployment.settings, enqueue=lambda job_id, queue: None)
+    with ServerThread(app) as srv:
+        r = httpx.post(
+            srv.base_url + "/classify",
+            json={"model": deployment.model_ids["cls"], "input": "the movie was good"},
+            headers={"Authorization": f"Bearer {deployment.keys['alice']}"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        ref = bert_ref("the movie was good")
+        assert r.json()["data"][0]["scores"]["positive"] == pytest.approx(ref["positive"], abs=1e-5)
+        bob = openai.OpenAI(base_url=srv.base_url, api_key=deployment.keys["bob"], max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            bob.completions.create(model=deployment.model_ids["lm"], prompt="x", max_tokens=2)
+        res = bob.completions.create(
+            model=deployment.model_ids["base_lm"], prompt="abc", max_tokens=3, temperature=0
+        )
+        assert res.usage.prompt_tokens > 0
