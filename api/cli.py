@@ -5,6 +5,7 @@ sqlalchemy or celery, and ``finegates keys create`` must not import torch.
 
 Service commands:
   serve            API + one real Celery worker process, embedded (SQLite + SQL broker)
+  api              the API alone (production: migrations and workers run separately)
   worker           a Celery worker for production (Redis broker, Postgres)
   keys create      a tenant's API key (the key alone on the last line of output)
   db upgrade       Alembic migrations (the one-shot ``migrate`` step in production)
@@ -23,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-SERVICE_COMMANDS = ("serve", "worker", "keys", "db", "serve-inference")
+SERVICE_COMMANDS = ("serve", "api", "worker", "keys", "db", "serve-inference")
 LOCAL_TENANT = "local"
 LOCAL_KEY_FILE = "local-api-key.txt"
 
@@ -272,6 +273,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    """Production API process: no migrations (the one-shot `db upgrade` does them), no
+    local key, no worker (they run as their own services)."""
+    _apply_data_dir(args.data_dir)
+    _settings()  # refuse a bad production configuration before uvicorn starts
+    import uvicorn
+
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.loglevel.lower(),
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
 def cmd_serve_inference(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -299,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="finegates",
         description=(
             "FineGates: hosted finetuning that compresses while it adapts. Service commands: "
-            "serve, worker, keys, db, serve-inference. Engine commands (train, prune, export, "
+            "serve, api, worker, keys, db, serve-inference. Engine commands (train, prune, export, "
             "bench): see `finegates train --help`."
         ),
     )
@@ -325,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the worker gets to checkpoint its job on Ctrl-C before it is killed",
     )
     sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("api", help="run the API only (production; see docker-compose.yml)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    sp.add_argument("--loglevel", default="INFO")
+    data_dir(sp)
+    sp.set_defaults(func=cmd_api)
 
     sp = sub.add_parser("worker", help="run a Celery worker (production)")
     sp.add_argument(

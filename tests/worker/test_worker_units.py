@@ -1,0 +1,461 @@
+"""Worker pieces in-process, on a migrated SQLite database: Celery settings, the batching
+callback, the reaper, the task's state handling and error mapping, and the CLI contract.
+
+The real worker PROCESS is exercised in tests/e2e; these tests pin the behaviour that is
+hard to provoke there (batch boundaries, retry limit, error codes, a shutdown mid-job).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from api import jobstate
+from api.auth import create_api_key, get_or_create_tenant
+from api.db import make_sessionmaker, session_scope, upgrade
+from api.db.models import Checkpoint, File, Job, JobEvent, JobMetric, new_id, utcnow
+from api.settings import Settings
+from core.callbacks import CheckpointRecord, EvalRecord, StepRecord
+
+ROOT = Path(__file__).resolve().parents[2]
+CLS = [
+    {"text": "a wonderful, moving film", "label": "pos"},
+    {"text": "dull and far too long", "label": "neg"},
+    {"text": "the cast is superb", "label": "pos"},
+    {"text": "I want my evening back", "label": "neg"},
+]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    s = Settings(data_dir=tmp_path / "data", heartbeat_timeout_s=30, job_max_attempts=2)
+    upgrade(s)
+    return s
+
+
+@pytest.fixture
+def sessions(settings: Settings):
+    factory = make_sessionmaker(settings)
+    yield factory
+    factory.kw["bind"].dispose()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+
+    def __call__(self, job_id: str, queue: str | None = None) -> None:
+        self.calls.append((job_id, queue))
+
+
+def make_job(
+    sessions: Any,
+    settings: Settings,
+    *,
+    status: str = "queued",
+    model: str = "tiny",
+    hp: dict | None = None,
+    rows: int = 16,
+    queue: str = "cpu",
+) -> str:
+    """A tenant, an uploaded training file in storage and a job row in ``status``."""
+    from api.storage import LocalStorage
+
+    storage = LocalStorage(settings.storage_dir)
+    key = f"files/t/{new_id('file-')}.jsonl"
+    data = "\n".join(json.dumps(CLS[i % len(CLS)]) for i in range(rows)) + "\n"
+    storage.put_stream(key, [data.encode()], None)
+    with session_scope(sessions) as s:
+        tenant = get_or_create_tenant(s, "t")
+        f = File(
+            id=new_id("file-"),
+            tenant_id=tenant.id,
+            filename="train.jsonl",
+            purpose="fine-tune",
+            bytes=len(data),
+            sha256="0" * 64,
+            status="processed",
+            format="jsonl",
+            task="classification",
+            n_rows=rows,
+            storage_key=key,
+        )
+        job = Job(
+            id=new_id("ftjob-"),
+            tenant_id=tenant.id,
+            status=status,
+            model=model,
+            task="classification",
+            training_file=f.id,
+            hyperparameters=hp or {},
+            seed=1,
+            queue=queue,
+        )
+        s.add_all([f, job])
+        s.commit()
+        return job.id
+
+
+def job_row(sessions: Any, job_id: str) -> Job:
+    with session_scope(sessions) as s:
+        row = s.execute(select(Job).where(Job.id == job_id)).scalar_one()
+        s.expunge(row)
+        return row
+
+
+def step(n: int, total: int = 100, **kw: Any) -> StepRecord:
+    return StepRecord(
+        step=n,
+        total_steps=total,
+        epoch=0.0,
+        loss=1.0 / n,
+        task_loss=0.5,
+        sparsity_loss=0.1,
+        lr=0.01,
+        examples_per_second=10.0,
+        eta_seconds=float(total - n),
+        tokens=100 * n,
+        **kw,
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# --- Celery app ---------------------------------------------------------------------------
+
+
+def test_celery_config_embedded_and_redis(tmp_path: Path) -> None:
+    from worker.celery_app import broker_url_for, make_celery
+
+    s = Settings(data_dir=tmp_path / "d", max_job_seconds=7200)
+    url = broker_url_for(s)
+    assert url == f"sqla+sqlite:///{s.data_path / 'broker.sqlite'}"
+    app = make_celery(s)
+    c = app.conf
+    assert c.task_acks_late is True and c.task_reject_on_worker_lost is True
+    assert c.worker_prefetch_multiplier == 1
+    assert c.accept_content == ["json"] and c.task_serializer == "json"
+    assert "pickle" not in c.result_accept_content
+    assert c.result_backend is None and c.task_ignore_result is True
+    assert {q.name for q in c.task_queues} == {"gpu", "cpu"}
+    assert c.worker_enable_remote_control is False  # virtual transport: no fanout
+    assert c.broker_transport_options == {}  # the SQL transport hands options to create_engine
+
+    r = make_celery(Settings(data_dir=tmp_path / "d", broker_url="redis://h:6379/0"))
+    vt = r.conf.broker_transport_options["visibility_timeout"]
+    assert vt > Settings().max_job_seconds  # never redelivered while it still runs
+    assert r.conf.worker_enable_remote_control is True
+
+
+def test_fine_tuned_model_id() -> None:
+    from worker.tasks import fine_tuned_model_id
+
+    assert fine_tuned_model_id("minilm-l6", "news", "ftjob-AbCdEfGh12345678") == (
+        "ft:minilm-l6:news:12345678"
+    )
+    assert fine_tuned_model_id("smollm2-135m", None, "ftjob-xyzXYZ00") == "ft:smollm2-135m:xyzxyz00"
+    # a folder path or a hub id never puts '/' into the id (it is a URL path segment)
+    got = fine_tuned_model_id("/models/my bert", "a/b", "ftjob-0000000000000001")
+    assert got == "ft:my-bert:a-b:00000001" and "/" not in got
+
+
+# --- callback -----------------------------------------------------------------------------
+
+
+def test_callback_batches_and_flushes_on_eval_and_checkpoint(sessions, settings) -> None:
+    from worker.callback import JobCallback
+
+    job_id = make_job(sessions, settings)
+    with session_scope(sessions) as s:
+        assert jobstate.claim(s, job_id, "w1")
+    clock = Clock()
+    cb = JobCallback(
+        sessions, job_id, "w1", flush_interval_s=2.0, flush_max_records=50, clock=clock
+    )
+
+    def n_metrics() -> int:
+        with session_scope(sessions) as s:
+            return len(s.execute(select(JobMetric).where(JobMetric.job_id == job_id)).all())
+
+    for i in range(1, 11):
+        assert cb.on_step(step(i)) is None
+    assert n_metrics() == 0 and cb.flushes == 0  # buffered: nothing written per step
+
+    clock.t += 2.5
+    cb.on_step(step(11, measured_sparsity=0.25))
+    assert cb.flushes == 1 and n_metrics() == 11
+    row = job_row(sessions, job_id)
+    assert (row.step, row.total_steps, row.trained_tokens) == (11, 100, 1100)
+    assert row.measured_sparsity == pytest.approx(0.25)
+    assert row.estimated_finish is not None and row.heartbeat_at is not None
+
+    cb.on_eval(
+        EvalRecord(step=11, total_steps=100, metrics={"accuracy": 0.75}, measured_sparsity=0.3)
+    )
+    assert cb.flushes == 2 and n_metrics() == 12  # evaluations flush at once
+    cb.on_checkpoint(CheckpointRecord(step=11, path="/runs/x/checkpoints/step-11"))
+    with session_scope(sessions) as s:
+        ck = s.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)).scalar_one()
+        assert ck.step == 11
+        evals = s.execute(
+            select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.kind == "eval")
+        ).scalar_one()
+        assert evals.metrics == {"accuracy": 0.75} and evals.measured_sparsity == 0.3
+        msgs = [e.message for e in s.execute(select(JobEvent)).scalars()]
+    assert any("eval accuracy=0.7500" in m for m in msgs), msgs
+
+    # 50 records flush even inside the time window
+    for i in range(12, 62):
+        cb.on_step(step(i))
+    assert n_metrics() == 62
+
+
+def test_callback_stops_on_cancel_loss_and_shutdown(sessions, settings) -> None:
+    from worker.callback import JobCallback
+
+    job_id = make_job(sessions, settings)
+    with session_scope(sessions) as s:
+        jobstate.claim(s, job_id, "w1")
+    cb = JobCallback(sessions, job_id, "w1", flush_interval_s=0.0)
+    assert cb.on_step(step(1)) is None
+    with session_scope(sessions) as s:
+        assert jobstate.request_cancel(s, job_id) == "running"
+    assert cb.on_step(step(2)) is False and cb.stop_reason == "cancelled"
+
+    other = make_job(sessions, settings)
+    with session_scope(sessions) as s:
+        jobstate.claim(s, other, "w2")
+    lost = JobCallback(sessions, other, "not-the-owner", flush_interval_s=0.0)
+    assert lost.on_step(step(1)) is False and lost.stop_reason == "lost"
+
+    third = make_job(sessions, settings)
+    with session_scope(sessions) as s:
+        jobstate.claim(s, third, "w3")
+    ev = threading.Event()
+    down = JobCallback(sessions, third, "w3", flush_interval_s=60.0, shutdown=ev)
+    assert down.on_step(step(1)) is None
+    ev.set()
+    assert down.on_step(step(2)) is False and down.stop_reason == "shutdown"
+
+
+# --- reaper -------------------------------------------------------------------------------
+
+
+def _stale(sessions: Any, job_id: str, seconds: float = 120.0) -> None:
+    with session_scope(sessions) as s:
+        s.execute(
+            Job.__table__.update()
+            .where(Job.id == job_id)
+            .values(heartbeat_at=utcnow() - timedelta(seconds=seconds))
+        )
+        s.commit()
+
+
+def test_reaper_requeues_then_fails_after_the_retry_limit(sessions, settings) -> None:
+    from worker.reaper import reap_once, republish_queued
+
+    job_id = make_job(sessions, settings, queue="gpu")
+    rec = Recorder()
+    with session_scope(sessions) as s:
+        jobstate.claim(s, job_id, "dead-worker")
+    assert reap_once(settings, sessions, rec) == []  # fresh heartbeat: left alone
+    _stale(sessions, job_id)
+    reaped = reap_once(settings, sessions, rec)
+    assert [(r.job_id, r.status) for r in reaped] == [(job_id, "queued")]
+    assert rec.calls == [(job_id, "gpu")]  # re-published on the job's own queue
+    assert job_row(sessions, job_id).status == "queued"
+
+    # second crash: attempts (2) reach job_max_attempts (2) -> failed, not re-published
+    with session_scope(sessions) as s:
+        jobstate.claim(s, job_id, "dead-again")
+    _stale(sessions, job_id)
+    reaped = reap_once(settings, sessions, rec)
+    assert [r.status for r in reaped] == ["failed"] and len(rec.calls) == 1
+    row = job_row(sessions, job_id)
+    assert row.status == "failed" and row.error_code == "worker_lost"
+    assert "stopped responding" in (row.error_message or "")
+
+    queued = make_job(sessions, settings)
+    make_job(sessions, settings, status="succeeded")
+    rec2 = Recorder()
+    assert republish_queued(sessions, ["cpu", "gpu"], rec2) == [queued]
+    assert rec2.calls == [(queued, "cpu")]
+
+
+# --- task ---------------------------------------------------------------------------------
+
+
+def test_execute_job_skips_what_it_must_not_run(sessions, settings) -> None:
+    from worker.tasks import execute_job
+
+    assert execute_job("ftjob-missing", settings=settings, session_factory=sessions).status == (
+        "missing"
+    )
+    done = make_job(sessions, settings, status="cancelled")
+    out = execute_job(done, settings=settings, session_factory=sessions, worker_id="w")
+    assert (out.status, out.detail) == ("skipped", "cancelled")
+    running = make_job(sessions, settings)
+    with session_scope(sessions) as s:
+        jobstate.claim(s, running, "someone-else")
+    out = execute_job(running, settings=settings, session_factory=sessions, worker_id="w")
+    assert out.status == "skipped"
+    assert job_row(sessions, running).worker_id == "someone-else"  # untouched
+
+
+def test_user_error_fails_the_job_with_code_and_message(sessions, settings) -> None:
+    from worker.tasks import execute_job
+
+    job_id = make_job(sessions, settings, model="no-such-model")
+    out = execute_job(job_id, settings=settings, session_factory=sessions, worker_id="w")
+    assert out.status == "failed"
+    row = job_row(sessions, job_id)
+    assert row.status == "failed" and row.error_code == "model_not_found"
+    assert "no-such-model" in row.error_message and row.finished_at is not None
+
+
+def test_internal_error_is_reported_with_a_traceback_event(sessions, settings, monkeypatch) -> None:
+    import core.train
+    from worker.tasks import execute_job
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(core.train, "train", boom)
+    job_id = make_job(sessions, settings)
+    out = execute_job(job_id, settings=settings, session_factory=sessions, worker_id="w")
+    assert out.status == "failed"
+    row = job_row(sessions, job_id)
+    assert row.error_code == "internal_error" and "disk on fire" in row.error_message
+    with session_scope(sessions) as s:
+        ev = s.execute(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.level == "error")
+        ).scalars()
+        tbs = [e.data["traceback"] for e in ev if e.data and "traceback" in e.data]
+    assert tbs and "RuntimeError: disk on fire" in tbs[0]
+
+
+def test_shutdown_mid_job_checkpoints_and_requeues_without_using_an_attempt(
+    sessions, settings, tiny_bert_dir
+) -> None:
+    """A warm shutdown stops training at the next step; the job goes back to the queue
+    with its attempt given back, and its checkpoint is on disk for the next worker."""
+    from core.catalog import register_model
+    from worker.tasks import execute_job
+
+    register_model("tiny-unit", tiny_bert_dir, settings.data_path)
+    job_id = make_job(sessions, settings, model="tiny-unit", hp={"max_steps": 50, "batch_size": 4})
+    ev = threading.Event()
+    ev.set()
+    rec = Recorder()
+    out = execute_job(
+        job_id,
+        settings=settings,
+        session_factory=sessions,
+        worker_id="w",
+        shutdown=ev,
+        enqueue=rec,
+    )
+    assert out.status == "requeued", out
+    row = job_row(sessions, job_id)
+    assert row.status == "queued" and row.attempts == 0 and row.worker_id is None
+    assert 1 <= row.step < 50
+    assert rec.calls == [(job_id, "cpu")]
+    ckpts = list((Path(row.run_dir) / "checkpoints").glob("step-*"))
+    assert ckpts, f"no checkpoint under {row.run_dir}"
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def _finegates(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def test_keys_create_prints_the_key_alone_on_its_last_line(tmp_path: Path, sessions) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINEGATES_")}
+    data = tmp_path / "cli-data"
+    r = _finegates("keys", "create", "--tenant", "acme", "--data-dir", str(data), env=env)
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.strip().splitlines()[-1]
+    assert key == key.strip() and " " not in key and len(key) >= 32
+    from api.auth import authenticate
+
+    s2 = Settings(data_dir=data)
+    with session_scope(make_sessionmaker(s2)) as s:
+        assert authenticate(s, key) is not None
+        assert authenticate(s, key + "x") is None
+    with session_scope(sessions) as s:  # a different data dir knows nothing of it
+        assert authenticate(s, key) is None
+        create_api_key(s, "other")
+
+
+def test_engine_commands_do_not_import_the_service_stack() -> None:
+    code = (
+        "import sys\n"
+        "from api.cli import main\n"
+        "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+        "bad = [m for m in ('fastapi', 'sqlalchemy', 'celery', 'starlette', 'alembic')"
+        " if m in sys.modules]\n"
+        "print('LOADED', bad)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "LOADED []" in r.stdout, r.stdout[-500:]
+    assert "--training-file" in r.stdout
+
+
+def test_compose_and_dockerfile_commands_parse() -> None:
+    """Every finegates command in docker-compose.yml and the Dockerfile is a valid one."""
+    import yaml
+
+    from api.cli import build_parser
+
+    parser = build_parser()
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "redis", "migrate", "api", "worker"} <= set(services)
+    assert "healthcheck" in services["postgres"]
+    assert services["api"]["depends_on"]["migrate"]["condition"] == (
+        "service_completed_successfully"
+    )
+    commands = {
+        n: s["command"] for n, s in services.items() if s.get("image", "").startswith("finegates")
+    }
+    assert set(commands) >= {"migrate", "api", "worker", "worker-gpu"}
+    for cmd in commands.values():
+        parser.parse_args(cmd)
+    assert services["worker-gpu"]["profiles"] == ["gpu"]
+    docker = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["finegates"]' in docker
+    cmd_line = next(line for line in docker.splitlines() if line.startswith("CMD "))
+    parser.parse_args(json.loads(cmd_line[4:]))
+    assert "torch==2.13.0" in docker and "TORCH_VARIANT" in docker
+    torch_installs = [
+        ln
+        for ln in docker.splitlines()
+        if ln.startswith("RUN") and "pip install" in ln and "torch" in ln
+    ]
+    assert torch_installs and all('"torch==2.13.0"' in ln for ln in torch_installs)
