@@ -118,3 +118,29 @@ def test_pruned_decoder_generates_like_its_own_generate(served, artifacts):
         model=dep.model_ids["lm"], prompt=prompt, max_tokens=10, temperature=0, stream=True
     )
     assert "".join(c.choices[0].text for c in streamed) == res.choices[0].text
+
+
+def test_onnx_backend_chosen_from_report_and_matches_torch(artifacts, tmp_path):
+    import json
+    import shutil
+
+    onnx_export = pytest.importorskip("core.onnx_export")
+    from api.inference.backends import ModelSpec, load_backend
+
+    art = tmp_path / "cls"
+    shutil.copytree(artifacts[0], art)
+    onnx_export.export_artifact_onnx(art)
+    rows = [
+        {"backend": "torch", "batch": 32, "seq_len": 128, "dense_ms": 9, "pruned_ms": 6.0},
+        {"backend": "onnxruntime", "batch": 32, "seq_len": 128, "dense_ms": 8, "pruned_ms": 4.0},
+    ]
+    (art / "report.json").write_text(json.dumps({"latency": rows}))
+    spec = ModelSpec("m", art, "artifact")
+    ort_backend = load_backend(spec)
+    torch_backend = load_backend(spec, classifier_backend="torch")
+    assert ort_backend.backend == "onnxruntime" and torch_backend.backend == "torch"
+    batch = ort_backend.encode(["the movie was good", ("the plot", "was awful"), "fine"])
+    for a, b in zip(ort_backend.predict(batch), torch_backend.predict(batch), strict=True):
+        assert a["label"] == b["label"]
+        for k in a["scores"]:
+            assert a["scores"][k] == pytest.approx(b["scores"][k], abs=1e-4)
