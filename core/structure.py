@@ -33,6 +33,7 @@ equals the measured value exactly when the gates are saturated at 0/1.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -447,6 +448,31 @@ def sparsity_by_type(model: nn.Module, structure: ModelStructure | None = None) 
 # Differentiable expectation (what the calibrated objective steers)
 
 
+_BAND = 1.5  # |theta| beyond which the sparsity gradient may only pull a gate back
+
+
+class _BandGrad(torch.autograd.Function):
+    """Identity whose gradient cannot push a logit further out of [lo, hi].
+
+    Without it the sparsity term keeps driving already-closed gates deeper (Adam moves
+    them ~lr per step however small the gradient), so after an overshoot they need
+    hundreds of steps to come back. Gradients that pull toward the band pass unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lo: float, hi: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (x,) = ctx.saved_tensors
+        # descent moves x by -g: below lo only g < 0 (up) passes; above hi only g > 0 (down)
+        ok = ((x > ctx.lo) | (g < 0)) & ((x < ctx.hi) | (g > 0))
+        return g * ok, None, None
+
+
 def _probs(
     model: nn.Module,
     name: str,
@@ -465,7 +491,11 @@ def _probs(
         z_r, z_c = m.eval_gates()
         return (z_r > 0).float(), (z_c > 0).float()
     if probs == "soft":  # keep probability; optional per-line gradient weights (kurtosis)
-        p_r, p_c = m.keep_probs(0.5 if sigma is None else sigma)
+        sp = 0.5 if sigma is None else sigma
+        mu_r = torch.tanh(_BandGrad.apply(m.row_logits, -_BAND, _BAND))
+        mu_c = torch.tanh(_BandGrad.apply(m.col_logits, -_BAND, _BAND))
+        p_r = 0.5 * (1 + torch.erf((mu_r + 0.5) / (sp * math.sqrt(2.0))))
+        p_c = 0.5 * (1 + torch.erf((mu_c + 0.5) / (sp * math.sqrt(2.0))))
         if grad_scale and name in grad_scale:
             g_r, g_c = grad_scale[name]
             p_r = p_r.detach() + g_r * (p_r - p_r.detach())

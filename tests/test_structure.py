@@ -450,3 +450,19 @@ def test_real_minilm_describe_and_inject():
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)
     assert not any("pooler" in n or "classifier" in n for n in names)
+
+
+def test_sparsity_gradient_never_pushes_gates_out_of_band():
+    """Closed gates far below the band get no further "close" push, but can be pulled back."""
+    model, S = _gated("bert")
+    v = model.get_submodule(S.layers[0].v)
+    with torch.no_grad():
+        v.row_logits[:8] = -4.0  # head 0 of layer 0 deep closed
+    e = expected_removed_fraction(model, S, probs="st")
+    (-e).backward()  # maximise removal: would push every gate further closed
+    assert torch.all(v.row_logits.grad[:8] == 0)
+    assert torch.all(v.row_logits.grad[8:] > 0)
+    v.row_logits.grad = None
+    e = expected_removed_fraction(model, S, probs="st")
+    e.backward()  # minimise removal: the deep-closed gates are pulled back open
+    assert torch.all(v.row_logits.grad[:8] < 0)
