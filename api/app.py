@@ -80,7 +80,8 @@ def create_app(
     app.state.storage = LocalStorage(settings.storage_dir)
     app.state.auth_cache = AuthCache(settings.auth_cache_seconds)
     app.state.enqueue = enqueue or _default_enqueue(settings)
-    app.state.shutdown_hooks: list[Callable[[], Any]] = []
+    hooks: list[Callable[[], Any]] = []
+    app.state.shutdown_hooks = hooks
     install_error_handlers(app)
 
     from api.routes import files, jobs, models

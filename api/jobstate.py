@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
@@ -517,7 +517,7 @@ def queue_position(session: Session, job: Job) -> int | None:
     """Queued jobs ahead of this one in its queue (0 = next); None when not queued."""
     known = getattr(job, "_queue_position", _UNSET)
     if known is not _UNSET:
-        return known
+        return cast(int | None, known)
     if job.status != QUEUED:
         return None
     return session.execute(

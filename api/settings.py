@@ -110,4 +110,4 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings; tests call ``get_settings.cache_clear()`` or pass their own."""
-    return Settings()
+    return Settings()  # type: ignore[call-arg]  # values come from the environment
