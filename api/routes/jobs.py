@@ -339,12 +339,16 @@ def list_jobs(
         if pk is None:
             raise APIError(400, f"No job with id '{after}' to page after", param="after")
         q = q.where(Job.pk < pk)
+    count = session.execute(
+        select(func.count()).select_from(Job).where(Job.tenant_id == principal.tenant_id)
+    ).scalar_one()
     q2 = q.add_columns(jobstate.queue_position_expr())
     rows = [(r[0], r[1]) for r in session.execute(q2.order_by(Job.pk.desc()).limit(limit + 1))]
     return {
         "object": "list",
         "data": [job_to_dict(j, pos) for j, pos in rows[:limit]],
         "has_more": len(rows) > limit,
+        "count": count,
     }
 
 

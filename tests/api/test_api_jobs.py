@@ -122,6 +122,7 @@ def test_list_pagination_and_queue_position(client, make_headers):
     ]
     p1 = client.get("/v1/fine_tuning/jobs?limit=2", headers=h).json()
     assert [j["id"] for j in p1["data"]] == [ids[2], ids[1]] and p1["has_more"] is True
+    assert p1["count"] == 3
     p2 = client.get(f"/v1/fine_tuning/jobs?limit=2&after={ids[1]}", headers=h).json()
     assert [j["id"] for j in p2["data"]] == [ids[0]] and p2["has_more"] is False
     positions = {j["id"]: j["queue_position"] for j in p1["data"] + p2["data"]}

@@ -36,6 +36,17 @@ def test_upgrade_is_idempotent_and_creates_sqlite_file(tmp_path):
     s = Settings(data_dir=tmp_path / "fresh")
     upgrade(s)
     upgrade(s)  # second run is a no-op
+    from alembic import command
+
+    from api.db import alembic_config
+
+    command.downgrade(alembic_config(s), "base")
+    eng = make_engine(s)
+    try:
+        assert set(inspect(eng).get_table_names()) <= {"alembic_version"}
+    finally:
+        eng.dispose()
+    upgrade(s)
     assert (tmp_path / "fresh" / "finegates.db").is_file()
     eng = make_engine(s)
     try:
