@@ -415,7 +415,7 @@ def test_expectation_matches_measured_when_saturated(family, seed, p):
         assert float(e.detach()) == pytest.approx(measured, abs=1e-4), probs
     # "st" carries a gradient although its value is the hard count
     e = expected_removed_fraction(model, S, probs="st")
-    e.backward()
+    (-e).backward()  # push toward more removal: open gates (theta = 3) get the gradient
     for ls in S.layers:  # producer rows and consumer columns all get a gradient ...
         for n in (ls.q, ls.k, ls.v, *ls.ffn_in):
             assert model.get_submodule(n).row_logits.grad.abs().sum() > 0, n
