@@ -104,3 +104,23 @@ def test_openapi_document_lists_the_routes(client):
     } <= paths
     upload = doc["paths"]["/v1/files"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in upload
+
+
+def test_registered_local_model_is_listed_and_trainable(
+    client, make_headers, settings, tiny_bert_dir, enqueued
+):
+    from core.catalog import register_model
+
+    register_model("tiny-bert", tiny_bert_dir, settings.data_path)
+    h = make_headers("models-reg")
+    listed = {m["id"]: m for m in client.get("/v1/models", headers=h).json()["data"]}
+    assert listed["tiny-bert"]["family"] == "bert" and listed["tiny-bert"]["kind"] == "base"
+    fid = upload(client, h, cls_bytes()).json()["id"]
+    r = client.post("/v1/fine_tuning/jobs", headers=h, json={**job_body(fid), "model": "tiny-bert"})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "tiny-bert" and enqueued.calls[-1][0] == r.json()["id"]
+    # a server path is never accepted as a model id through the API
+    r = client.post(
+        "/v1/fine_tuning/jobs", headers=h, json={**job_body(fid), "model": str(tiny_bert_dir)}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
