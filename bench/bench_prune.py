@@ -97,13 +97,14 @@ def synthetic_gates(model: nn.Module, fraction: float, seed: int = 0) -> nn.Modu
     return model.eval()
 
 
-def _synthetic_artifact(name: str, fraction: float, out: Path) -> Path:
+def _synthetic_artifact(name: str, fraction: float, out: Path, ffn_multiple: int = 1) -> Path:
     from core.artifacts import save_artifact
     from core.catalog import resolve_model
     from core.modeling import load_base
     from core.prune import compression_figures, max_abs_diff, original_shape, prune_model
+    from core.train import default_data_dir
 
-    data_dir = out / "data"
+    data_dir = default_data_dir()  # the fp32 SmolLM2 cache is shared with training
     if name == "minilm":
         path = resolve_model("minilm-l6", data_dir)
         base = load_base(path, "classification", labels=["negative", "positive"])
@@ -114,7 +115,7 @@ def _synthetic_artifact(name: str, fraction: float, out: Path) -> Path:
         task = "causal_lm"
     torch.manual_seed(0)
     gated = synthetic_gates(base.model, fraction)
-    pruned, plan = prune_model(gated)
+    pruned, plan = prune_model(gated, ffn_multiple=ffn_multiple)
     comp = compression_figures(gated, pruned, plan)
     comp["max_abs_diff_vs_gated"] = max_abs_diff(gated, pruned, batch=2, seq_len=32)
     art = out / f"{name}_synthetic_{fraction}"
@@ -132,11 +133,11 @@ def _synthetic_artifact(name: str, fraction: float, out: Path) -> Path:
     return art
 
 
-def _run_artifact(run_dir: Path, out: Path, name: str) -> Path:
+def _run_artifact(run_dir: Path, out: Path, name: str, ffn_multiple: int = 1) -> Path:
     from core.prune import prune_run
 
     art = out / f"{name}_artifact"
-    prune_run(run_dir, art)
+    prune_run(run_dir, art, ffn_multiple=ffn_multiple)
     return art
 
 
@@ -271,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--smoke", action="store_true", help="tiny run counts and shapes")
+    ap.add_argument(
+        "--ffn-multiple", type=int, default=1, help="keep dead FFN neurons up to a multiple"
+    )
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -296,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.only and not name.startswith(a.only):
             continue
         if a.synthetic:
-            jobs.append((name, lambda n=name, f=frac: _synthetic_artifact(n, f, a.out)))
+            jobs.append(
+                (name, lambda n=name, f=frac: _synthetic_artifact(n, f, a.out, a.ffn_multiple))
+            )
         elif run is not None:
-            jobs.append((name, lambda r=run, n=name: _run_artifact(r, a.out, n)))
+            jobs.append((name, lambda r=run, n=name: _run_artifact(r, a.out, n, a.ffn_multiple)))
     if not jobs:
         ap.error("give --synthetic, --engine-out, --minilm-run or --smollm-run")
     results = {}

@@ -399,13 +399,19 @@ def _pad_dims(dims: list[int], target: int, hd: int, rope: bool) -> list[int]:
     return sorted(kept | set([d for d in range(hd) if d not in kept][: target - len(dims)]))
 
 
-def _effective_layers(g: _Geometry, plan: Any, equal_head_dims: bool) -> list[dict]:
+def _effective_layers(
+    g: _Geometry, plan: Any, equal_head_dims: bool, ffn_multiple: int = 1
+) -> list[dict]:
     """Per layer: kept groups, q/k and v/o dims per group, FFN neurons, as ints.
 
     ``equal_head_dims``: pad the shorter of q/k and v/o with dropped (dead) dims so both
     have the same width. CPU SDPA's fused (flash) kernel needs equal head dims; with
     unequal ones it falls back to the unfused math path, which costs more than the few
-    extra projection rows (see bench/bench_prune.py)."""
+    extra projection rows (see bench/bench_prune.py).
+
+    ``ffn_multiple`` > 1 keeps dropped (dead) FFN neurons until the width is a multiple
+    of it, for GEMM kernels that prefer aligned sizes (a benchmark knob, exact either way).
+    """
     out = []
     for lp in _plan_layers(plan):
         kv = [int(x) for x in _get(lp, "kv_heads_kept")]
@@ -417,13 +423,18 @@ def _effective_layers(g: _Geometry, plan: Any, equal_head_dims: bool) -> list[di
                 target += 1  # q/k grow by whole pairs; v/o follow
             qk = [_pad_dims(d, target, g.head_dim, g.rope) for d in qk]
             vo = [_pad_dims(d, target, g.head_dim, False) for d in vo]
+        ffn = [int(j) for j in _get(lp, "ffn_kept")]
+        if ffn_multiple > 1 and len(ffn) % ffn_multiple:
+            want = min(g.ffn, -(-len(ffn) // ffn_multiple) * ffn_multiple)
+            kept = set(ffn)
+            ffn = sorted(kept | set([j for j in range(g.ffn) if j not in kept][: want - len(ffn)]))
         out.append(
             {
                 "kv": kv,
                 "heads": [int(h) for h in _get(lp, "heads_kept")],
                 "qk": qk,
                 "vo": vo,
-                "ffn": [int(j) for j in _get(lp, "ffn_kept")],
+                "ffn": ffn,
                 "n": len(kv),
                 "d_qk": len(qk[0]) if kv else 0,
                 "d_vo": len(vo[0]) if kv else 0,
@@ -433,10 +444,10 @@ def _effective_layers(g: _Geometry, plan: Any, equal_head_dims: bool) -> list[di
 
 
 @torch.no_grad()
-def _build_bert(model: nn.Module, g: _Geometry, plan: Any, equal: bool) -> PrunedBertModel:
+def _build_bert(model: nn.Module, g: _Geometry, plan: Any, equal: bool, mult: int):
     enc = _bert_encoder(model)
     cfg = model.config
-    shapes = _effective_layers(g, plan, equal)
+    shapes = _effective_layers(g, plan, equal, mult)
     mods = _layer_modules(model, "bert")
     num_labels = 0
     head = getattr(model, "classifier", None)
@@ -509,9 +520,9 @@ def _rope_theta(cfg) -> float | None:
 
 
 @torch.no_grad()
-def _build_llama(model: nn.Module, g: _Geometry, plan: Any, equal: bool) -> PrunedLlamaModel:
+def _build_llama(model: nn.Module, g: _Geometry, plan: Any, equal: bool, mult: int):
     cfg = model.config
-    shapes = _effective_layers(g, plan, equal)
+    shapes = _effective_layers(g, plan, equal, mult)
     mods = _layer_modules(model, "llama")
     group = g.n_heads // g.n_kv
     rot = model.model.rotary_emb
@@ -587,6 +598,7 @@ def prune_model(
     plan: Any = None,
     check_dead: bool = True,
     equal_head_dims: bool = True,
+    ffn_multiple: int = 1,
 ) -> tuple[nn.Module, Any]:
     """Validate ``plan`` (default: ``core.structure.build_plan``), then build the pruned
     module from the folded eval weights. Returns (pruned_module, plan).
@@ -602,9 +614,9 @@ def prune_model(
         plan = build_plan(gated_model, describe(gated_model))
     validate_plan(gated_model, plan, check_dead=check_dead)
     if g.family == "bert":
-        pm = _build_bert(gated_model, g, plan, equal_head_dims)
+        pm = _build_bert(gated_model, g, plan, equal_head_dims, ffn_multiple)
     else:
-        pm = _build_llama(gated_model, g, plan, equal_head_dims)
+        pm = _build_llama(gated_model, g, plan, equal_head_dims, ffn_multiple)
     return pm, plan
 
 
@@ -750,7 +762,9 @@ def base_weights_hash(gated_model: nn.Module, head_modules: list[str] | None = N
     return state_hash(tensors)
 
 
-def prune_run(run_dir: str | Path, output_dir: str | Path, check_batch: int = 4) -> dict:
+def prune_run(
+    run_dir: str | Path, output_dir: str | Path, check_batch: int = 4, **prune_kwargs: Any
+) -> dict:
     """Load a trained gated run (``core.train.load_gated_run``), prune it, check it against
     the gated model on random inputs, write the artifact; returns the manifest."""
     from core.artifacts import save_artifact
@@ -759,7 +773,7 @@ def prune_run(run_dir: str | Path, output_dir: str | Path, check_batch: int = 4)
     run_dir = Path(run_dir)
     gated, tokenizer, info = load_gated_run(run_dir)
     gated.eval()
-    pruned, plan = prune_model(gated)
+    pruned, plan = prune_model(gated, **prune_kwargs)
     diff = max_abs_diff(gated, pruned, batch=check_batch)
     figures = compression_figures(gated, pruned, plan)
     figures["max_abs_diff_vs_gated"] = diff

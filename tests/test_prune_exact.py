@@ -48,6 +48,33 @@ def test_pruned_equals_gated(family, pattern):
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("equal", [True, False])
+def test_equal_head_dims_padding_is_exact(family, equal):
+    model = apply_pattern(BUILDERS[family](seed=4), "dims", seed=9)
+    plan = reference_plan(model)
+    pm, _ = prune_model(model, plan, equal_head_dims=equal)
+    raw = [(len(lp["qk_dims"][0]), len(lp["vo_dims"][0])) for lp in plan["layers"]]
+    assert any(q != v for q, v in raw)  # the pattern really gives unequal widths
+    for (q, v), s in zip(raw, _shapes(pm), strict=True):
+        if equal:
+            target = max(q, v)
+            if family == "llama" and (target - q) % 2:
+                target += 1  # RoPE: q/k grow by whole pairs
+            assert s[1] == s[2] == target
+        else:
+            assert (s[1], s[2]) == (q, v)
+    assert max_abs_diff(model, pm) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_ffn_multiple_keeps_dead_neurons_exactly(family):
+    model = apply_pattern(BUILDERS[family](seed=0), "dims", seed=3)
+    pm, _ = prune_model(model, reference_plan(model), ffn_multiple=16)
+    assert all(s[3] % 16 == 0 for s in _shapes(pm))
+    assert max_abs_diff(model, pm) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
 def test_structure_build_plan_matches_reference(family):
     structure = pytest.importorskip("core.structure")
     model = apply_pattern(BUILDERS[family](seed=1), "heads", seed=5)
