@@ -27,8 +27,12 @@ def gate(model, seed: int = 0):
     return model.eval()
 
 
+def _encoder(model):
+    return getattr(model, "bert", None) or getattr(model, "roberta", None)
+
+
 def _layers(model):
-    if hasattr(model, "bert"):
+    if _encoder(model) is not None:
         return [
             {
                 "q": lyr.attention.self.query,
@@ -38,7 +42,7 @@ def _layers(model):
                 "up": lyr.intermediate.dense,
                 "down": lyr.output.dense,
             }
-            for lyr in model.bert.encoder.layer
+            for lyr in _encoder(model).encoder.layer
         ]
     return [
         {
@@ -78,7 +82,7 @@ def apply_pattern(model, pattern: str, seed: int = 0):
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     kv = getattr(cfg, "num_key_value_heads", None) or H
     group = H // kv
-    llama = hasattr(model, "model")
+    llama = _encoder(model) is None
     L = _layers(model)
     gen = torch.Generator().manual_seed(seed + 1)
     if pattern == "none":
@@ -123,7 +127,7 @@ def reference_plan(model) -> dict:
     H = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     kv = getattr(cfg, "num_key_value_heads", None) or H
-    llama = hasattr(model, "model")
+    llama = _encoder(model) is None
     if not llama:
         kv = H
     group = H // kv

@@ -227,3 +227,39 @@ def test_plan_dropping_live_groups_is_refused_before_any_change():
         prune_model(model, plan)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def _tiny_roberta(seed: int = 0):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=70,
+        type_vocab_size=1,
+        pad_token_id=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.2,
+        num_labels=1,  # regression head
+    )
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+def test_roberta_regression_positions_and_head():
+    model = apply_pattern(_tiny_roberta(), "heads", seed=2)
+    pm, _ = prune_model(model, reference_plan(model))
+    ids = torch.randint(3, 100, (3, 14), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 0
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    ids = ids.masked_fill(mask == 0, 1)  # RoBERTa pads with id 1: positions restart there
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    out = pm(ids, mask)
+    assert out.shape == (3, 1)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
