@@ -6,10 +6,11 @@ scoped to the caller's tenant and answer 404 otherwise, so no handler can forget
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -20,21 +21,27 @@ from api.jobstate import queue_position_expr
 from api.settings import Settings
 from api.storage import LocalStorage
 
+# Why several of these are ``async def`` with no awaits: FastAPI runs every plain ``def``
+# dependency in the thread pool. Those without I/O stay on the event loop; the ones that
+# touch the database do not. GET /jobs/{id} (the polling route) thus costs two thread hops.
 
-def get_app_settings(request: Request) -> Settings:
+
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_storage(request: Request) -> LocalStorage:
+async def get_storage(request: Request) -> LocalStorage:
     return request.app.state.storage
 
 
-def get_db(request: Request) -> Iterator[Session]:
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    # Creating a Session does no I/O (the connection is taken on first use); closing it
+    # returns the connection (a ROLLBACK round trip), so that part runs in a thread.
     session = request.app.state.sessionmaker()
     try:
         yield session
     finally:
-        session.close()
+        await run_in_threadpool(session.close)
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
@@ -42,7 +49,7 @@ StorageDep = Annotated[LocalStorage, Depends(get_storage)]
 SessionDep = Annotated[Session, Depends(get_db)]
 
 
-def get_principal(request: Request, session: SessionDep) -> Principal:
+async def get_principal(request: Request, session: SessionDep) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -57,7 +64,7 @@ def get_principal(request: Request, session: SessionDep) -> Principal:
     digest = hash_key(token)
     principal = cache.get(digest)
     if principal is None:
-        principal = authenticate(session, token)
+        principal = await run_in_threadpool(authenticate, session, token)
         if principal is None:
             raise APIError(
                 401,
