@@ -203,9 +203,11 @@ class Hyperparameters:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Hyperparameters:
         """Build from a JSON-ish dict; unknown names are rejected with the valid list."""
-        d = dict(d or {})
+        if d is None:
+            d = {}
         if not isinstance(d, dict):
-            raise ConfigError("hyperparameters", "must be an object")
+            raise ConfigError("hyperparameters", f"must be an object, got {type(d).__name__}")
+        d = dict(d)
         valid = cls.field_names()
         for k in d:
             if k not in valid:

@@ -52,10 +52,10 @@ def test_resume_is_exact(tiny_bert_dir, tmp_path):
                          warmup_steps=1, target_sparsity=0.3)  # fmt: skip
     job = JobConfig(model=str(tiny_bert_dir), training_file=str(_data(tmp_path)),
                     hyperparameters=hp)  # fmt: skip
-    straight = train(job, tmp_path / "a")
-    first = train(job, tmp_path / "b", callback=StopAt(n))
+    straight = train(job, tmp_path / "a", device="cpu")
+    first = train(job, tmp_path / "b", callback=StopAt(n), device="cpu")
     assert first.status == "stopped" and first.steps == n
-    resumed = train(job, tmp_path / "b", resume=True)
+    resumed = train(job, tmp_path / "b", resume=True, device="cpu")
     assert straight.status == resumed.status == "completed" and resumed.steps == 2 * n
 
     sa = load_file(str(tmp_path / "a" / "checkpoints" / f"step-{2 * n}" / "trainable.safetensors"))
