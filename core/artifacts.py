@@ -435,10 +435,14 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out["lm_head.weight"] = sd["lm_head.weight"]
     for i, blk in enumerate(model.layers):
         p, s = f"model.layers.{i}", f"layers.{i}"
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            for t in ("weight", "bias"):
-                if f"{s}.attn.{name}.{t}" in sd:
-                    out[f"{p}.self_attn.{name}.{t}"] = sd[f"{s}.attn.{name}.{t}"]
+        for t in ("weight", "bias"):
+            if f"{s}.attn.qkv.{t}" in sd:
+                q, k, v = sd[f"{s}.attn.qkv.{t}"].split(blk.attn.splits)
+                out[f"{p}.self_attn.q_proj.{t}"] = q
+                out[f"{p}.self_attn.k_proj.{t}"] = k
+                out[f"{p}.self_attn.v_proj.{t}"] = v
+            if f"{s}.attn.o_proj.{t}" in sd:
+                out[f"{p}.self_attn.o_proj.{t}"] = sd[f"{s}.attn.o_proj.{t}"]
         f = blk.mlp.ffn
         for t in ("weight", "bias"):
             if f"{s}.mlp.gate_up.{t}" in sd:

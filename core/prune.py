@@ -560,11 +560,10 @@ def _build_llama(model: nn.Module, g: _Geometry, plan: Any, equal: bool, mult: i
         q_pairs = [(k * group + j, qk[i]) for i, k in enumerate(kv) for j in range(group)]
         o_pairs = [(k * group + j, vo[i]) for i, k in enumerate(kv) for j in range(group)]
         a = blk.attn
-        _lin(a.q_proj, *_slice(*_folded(m["q"]), rows=_rows(q_pairs, hd)))
-        k_rows = _rows(list(zip(kv, qk, strict=True)), hd)
-        v_rows = _rows(list(zip(kv, vo, strict=True)), hd)
-        _lin(a.k_proj, *_slice(*_folded(m["k"]), rows=k_rows))
-        _lin(a.v_proj, *_slice(*_folded(m["v"]), rows=v_rows))
+        wq, bq = _slice(*_folded(m["q"]), rows=_rows(q_pairs, hd))
+        wk, bk = _slice(*_folded(m["k"]), rows=_rows(list(zip(kv, qk, strict=True)), hd))
+        wv, bv = _slice(*_folded(m["v"]), rows=_rows(list(zip(kv, vo, strict=True)), hd))
+        _lin(a.qkv, torch.cat([wq, wk, wv]), None if bq is None else torch.cat([bq, bk, bv]))
         _lin(a.o_proj, *_slice(*_folded(m["o"]), cols=_rows(o_pairs, hd)))
         if kv and qk[0]:
             # sorted kept dims = [kept first halves, same pairs' second halves]
