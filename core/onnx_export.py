@@ -36,16 +36,22 @@ __all__ = ["export_onnx", "export_artifact_onnx", "OnnxRunner", "OnnxClassifier"
 class _LMWrapper(nn.Module):
     """Logits from (input_ids, attention_mask) with GQA expanded (no enable_gqa in ONNX)."""
 
-    def __init__(self, model: PrunedLlamaModel):
+    def __init__(self, model: PrunedLlamaModel, last_only: bool = False):
         super().__init__()
         self.model = model
+        self.last_only = last_only
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention_mask)
+        return self.model(input_ids, attention_mask, last_only=self.last_only)
 
 
-def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET) -> Path:
-    """Write ``model`` to ``path`` as ONNX with dynamic batch and sequence axes."""
+def export_onnx(
+    model: nn.Module, path: str | Path, opset: int = OPSET, last_only: bool = False
+) -> Path:
+    """Write ``model`` to ``path`` as ONNX with dynamic batch and sequence axes.
+
+    ``last_only`` (decoders): output only the last position's logits (prefill/scoring
+    of the next token), which is what the latency report times."""
     path = Path(path)
     model = model.eval()
     ids = torch.randint(3, max(4, model.config.vocab_size), (2, 8))
@@ -61,9 +67,9 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET) -> Path:
         args = (ids, mask)
         names = ["input_ids", "attention_mask"]
         out = "logits"
-        module = _LMWrapper(model)
+        module = _LMWrapper(model, last_only)
         axes = {n: {0: "batch", 1: "sequence"} for n in names}
-        axes[out] = {0: "batch", 1: "sequence"}
+        axes[out] = {0: "batch"} if last_only else {0: "batch", 1: "sequence"}
     else:
         raise ArtifactError(f"ONNX export supports pruned BERT/Llama models, not {type(model)}")
     expand = [a for a in model.modules() if hasattr(a, "expand_kv")]
