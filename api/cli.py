@@ -9,6 +9,7 @@ Service commands:
   worker           a Celery worker for production (Redis broker, Postgres)
   keys create      a tenant's API key (the key alone on the last line of output)
   db upgrade       Alembic migrations (the one-shot ``migrate`` step in production)
+  models register  give a local Hugging Face folder a model id jobs can use
   serve-inference  the inference API alone (helper E's app)
 Everything else (train, prune, export, bench) goes to ``core.cli.main``.
 """
@@ -24,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-SERVICE_COMMANDS = ("serve", "api", "worker", "keys", "db", "serve-inference")
+SERVICE_COMMANDS = ("serve", "api", "worker", "keys", "db", "models", "serve-inference")
 LOCAL_TENANT = "local"
 LOCAL_KEY_FILE = "local-api-key.txt"
 
@@ -74,6 +75,21 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     _upgrade(settings)
     where = settings.db_url.split("@")[-1] if "@" in settings.db_url else settings.db_url
     print(f"database is at the latest migration ({where})")
+    return 0
+
+
+def cmd_models_register(args: argparse.Namespace) -> int:
+    _apply_data_dir(args.data_dir)
+    settings = _settings()
+    from core.catalog import register_model
+    from core.errors import FineGatesError
+
+    try:
+        folder = register_model(args.model_id, args.path, settings.data_path)
+    except FineGatesError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    print(f"registered model '{args.model_id}' -> {folder}")
     return 0
 
 
@@ -320,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="finegates",
         description=(
             "FineGates: hosted finetuning that compresses while it adapts. Service commands: "
-            "serve, api, worker, keys, db, serve-inference. Engine commands (train, prune, export, "
+            "serve, api, worker, keys, db, models, serve-inference. Engine commands (train, prune, export, "
             "bench): see `finegates train --help`."
         ),
     )
@@ -385,6 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     du = dsub.add_parser("upgrade", help="apply migrations (alembic upgrade head)")
     data_dir(du)
     du.set_defaults(func=cmd_db_upgrade)
+
+    sp = sub.add_parser("models", help="the local model registry")
+    msub = sp.add_subparsers(dest="models_command", required=True)
+    mr = msub.add_parser("register", help="make a local Hugging Face folder usable by jobs")
+    mr.add_argument("model_id", help="the id jobs will use, e.g. my-bert")
+    mr.add_argument("path", help="a folder with config.json, safetensors weights, tokenizer")
+    data_dir(mr)
+    mr.set_defaults(func=cmd_models_register)
 
     sp = sub.add_parser("serve-inference", help="run the inference API alone")
     sp.add_argument("--host", default="127.0.0.1")

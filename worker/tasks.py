@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import shared_task
+from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutting_down
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -416,6 +417,10 @@ def _default_enqueue(job_id: str, queue: str | None = None) -> None:
 
 @shared_task(name=TASK_RUN_JOB, acks_late=True, ignore_result=True)
 def run_job(job_id: str) -> str:
+    if SHUTDOWN.is_set():
+        # This worker is stopping (it may just have released this very job): put the
+        # message back untouched for the next worker instead of claiming it again.
+        raise Reject("worker shutting down", requeue=True)
     outcome = execute_job(job_id)
     log.info("job %s: %s %s", job_id, outcome.status, outcome.detail)
     return outcome.status
