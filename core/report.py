@@ -207,6 +207,7 @@ def compression_report(
         "paper_removed_fraction": comp.get("paper_removed_fraction"),
         "params_removed_fraction": comp.get("params_removed_fraction"),
         "max_abs_diff_vs_gated": comp.get("max_abs_diff_vs_gated"),
+        "max_rel_diff_vs_gated": comp.get("max_rel_diff_vs_gated"),
         "per_layer": comp.get("per_layer"),
         "dense_reference": "core.pruned at the base model's full shapes (gates folded, "
         "nothing removed), default-initialised weights",

@@ -180,6 +180,9 @@ def test_prune_run_writes_artifact_from_gated_run(tmp_path):
     manifest = prune_run(tmp_path / "run", tmp_path / "art")
     comp = manifest["compression"]
     assert comp["max_abs_diff_vs_gated"] < 1e-4
+    assert comp["max_rel_diff_vs_gated"] == pytest.approx(
+        comp["max_abs_diff_vs_gated"] / comp["max_abs_output_gated"]
+    )
     assert comp["gated_params_after"] < comp["gated_params_before"]
     assert (
         manifest["base_model"]["id"] == "tiny-bert" and len(manifest["base_model"]["sha256"]) == 64
