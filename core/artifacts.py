@@ -289,7 +289,10 @@ def load_artifact(
     if verify:
         verify_files(path, manifest)
     try:
-        model = build_pruned(manifest["family"], manifest["model_config"])
+        # skeleton on the meta device: no random init for weights about to be replaced
+        with torch.device("meta"):
+            model = build_pruned(manifest["family"], manifest["model_config"])
+        model = model.to_empty(device="cpu")
     except (TypeError, ValueError, KeyError) as e:
         raise ArtifactError(f"{path / MANIFEST}: model_config is invalid ({e})") from None
     _load_weights_strict(model, path / WEIGHTS)
