@@ -19,6 +19,7 @@ Face's; ``core.artifacts`` writes HF-named copies when every layer has the same 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -77,6 +78,13 @@ def _act(name: str):
     raise ValueError(f"unsupported hidden_act {name!r} (supported: gelu, gelu_new, relu, silu)")
 
 
+def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    """nn.Linear that may be empty (a fully pruned FFN or attention): no init warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return nn.Linear(n_in, n_out, bias=bias)
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: PrunedBertConfig):
         super().__init__()
@@ -118,12 +126,12 @@ class BertLayer(nn.Module):
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         H = self.n_heads
         qkv_out = H * (2 * self.d_qk + self.d_vo)
-        self.qkv = nn.Linear(C, qkv_out, bias=cfg.qkv_bias) if qkv_out > 0 else None
+        self.qkv = _linear(C, qkv_out, cfg.qkv_bias) if qkv_out > 0 else None
         # a layer with no heads left still adds the (folded) output bias
-        self.o = nn.Linear(H * self.d_vo, C, bias=cfg.o_bias)
+        self.o = _linear(H * self.d_vo, C, cfg.o_bias)
         self.ln1 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
-        self.up = nn.Linear(C, self.ffn, bias=cfg.ffn_bias)
-        self.down = nn.Linear(self.ffn, C, bias=cfg.ffn_bias)
+        self.up = _linear(C, self.ffn, cfg.ffn_bias)
+        self.down = _linear(self.ffn, C, cfg.ffn_bias)
         self.ln2 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
         self.act = _act(cfg.hidden_act)
 

@@ -20,6 +20,7 @@ attends uniformly over the causal prefix.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -67,6 +68,13 @@ class PrunedLlamaConfig:
         d = dict(d)
         d["layers"] = [LlamaLayerShape(**x) for x in d["layers"]]
         return cls(**d)
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    """nn.Linear that may be empty (a fully pruned FFN or attention): no init warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return nn.Linear(n_in, n_out, bias=bias)
 
 
 class RMSNorm(nn.Module):
@@ -121,8 +129,8 @@ class LlamaAttention(nn.Module):
         # q, k and v in one GEMM (fewer kernel launches per decode step):
         # rows [q: n_q*d_qk | k: n_kv*d_qk | v: n_kv*d_vo]
         self.splits = [self.n_q * self.d_qk, self.n_kv * self.d_qk, self.n_kv * self.d_vo]
-        self.qkv = nn.Linear(C, sum(self.splits), bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_q * self.d_vo, C, bias=cfg.o_bias)
+        self.qkv = _linear(C, sum(self.splits), cfg.attention_bias)
+        self.o_proj = _linear(self.n_q * self.d_vo, C, cfg.o_bias)
         # original frequency of each kept rope pair of each kept group
         self.register_buffer("inv_freq", torch.zeros(self.n_kv, self.d_qk // 2))
         # ONNX export cannot take enable_gqa: it switches to an explicit expand
@@ -186,8 +194,8 @@ class LlamaMLP(nn.Module):
         C = cfg.hidden_size
         self.ffn = ffn
         # gate and up in one GEMM: rows [0, ffn) are gate, [ffn, 2*ffn) are up
-        self.gate_up = nn.Linear(C, 2 * ffn, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(ffn, C, bias=cfg.mlp_bias)
+        self.gate_up = _linear(C, 2 * ffn, cfg.mlp_bias)
+        self.down_proj = _linear(ffn, C, cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         g, u = self.gate_up(x).split([self.ffn, self.ffn], dim=-1)  # (B, T, ffn) each
@@ -218,7 +226,7 @@ class PrunedLlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaBlock(cfg, s) for s in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._rope_key: tuple = ()
