@@ -97,7 +97,7 @@ def synthetic_gates(model: nn.Module, fraction: float, seed: int = 0) -> nn.Modu
     return model.eval()
 
 
-def _synthetic_artifact(name: str, fraction: float, out: Path, ffn_multiple: int = 1) -> Path:
+def _synthetic_artifact(name: str, fraction: float, out: Path, **prune_kw) -> Path:
     from core.artifacts import save_artifact
     from core.catalog import resolve_model
     from core.modeling import load_base
@@ -115,7 +115,7 @@ def _synthetic_artifact(name: str, fraction: float, out: Path, ffn_multiple: int
         task = "causal_lm"
     torch.manual_seed(0)
     gated = synthetic_gates(base.model, fraction)
-    pruned, plan = prune_model(gated, ffn_multiple=ffn_multiple)
+    pruned, plan = prune_model(gated, **prune_kw)
     comp = compression_figures(gated, pruned, plan)
     diff, scale = diff_and_scale(gated, pruned, batch=2, seq_len=32)
     comp["max_abs_diff_vs_gated"] = diff
@@ -135,11 +135,11 @@ def _synthetic_artifact(name: str, fraction: float, out: Path, ffn_multiple: int
     return art
 
 
-def _run_artifact(run_dir: Path, out: Path, name: str, ffn_multiple: int = 1) -> Path:
+def _run_artifact(run_dir: Path, out: Path, name: str, **prune_kw) -> Path:
     from core.prune import prune_run
 
     art = out / f"{name}_artifact"
-    prune_run(run_dir, art, ffn_multiple=ffn_multiple)
+    prune_run(run_dir, art, **prune_kw)
     return art
 
 
@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--ffn-multiple", type=int, default=1, help="keep dead FFN neurons up to a multiple"
     )
+    ap.add_argument(
+        "--dim-multiple", type=int, default=1, help="keep dead head dims up to a multiple"
+    )
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -296,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.engine_out:
         a.minilm_run = a.minilm_run or a.engine_out / "runs" / "finegates_0.4"
         a.smollm_run = a.smollm_run or a.engine_out / "runs" / "smollm2_sparsify_0.3"
+    kw = {"ffn_multiple": a.ffn_multiple, "dim_multiple": a.dim_multiple}
     jobs = []
     for name, run, frac in (
         ("minilm", a.minilm_run, a.minilm_fraction),
@@ -304,11 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.only and not name.startswith(a.only):
             continue
         if a.synthetic:
-            jobs.append(
-                (name, lambda n=name, f=frac: _synthetic_artifact(n, f, a.out, a.ffn_multiple))
-            )
+            jobs.append((name, lambda n=name, f=frac: _synthetic_artifact(n, f, a.out, **kw)))
         elif run is not None:
-            jobs.append((name, lambda r=run, n=name: _run_artifact(r, a.out, n, a.ffn_multiple)))
+            jobs.append((name, lambda r=run, n=name: _run_artifact(r, a.out, n, **kw)))
     if not jobs:
         ap.error("give --synthetic, --engine-out, --minilm-run or --smollm-run")
     results = {}

@@ -401,7 +401,7 @@ def _pad_dims(dims: list[int], target: int, hd: int, rope: bool) -> list[int]:
 
 
 def _effective_layers(
-    g: _Geometry, plan: Any, equal_head_dims: bool, ffn_multiple: int = 1
+    g: _Geometry, plan: Any, equal_head_dims: bool, ffn_multiple: int = 1, dim_multiple: int = 1
 ) -> list[dict]:
     """Per layer: kept groups, q/k and v/o dims per group, FFN neurons, as ints.
 
@@ -410,8 +410,9 @@ def _effective_layers(
     unequal ones it falls back to the unfused math path, which costs more than the few
     extra projection rows (see bench/bench_prune.py).
 
-    ``ffn_multiple`` > 1 keeps dropped (dead) FFN neurons until the width is a multiple
-    of it, for GEMM kernels that prefer aligned sizes (a benchmark knob, exact either way).
+    ``ffn_multiple`` / ``dim_multiple`` > 1 keep dropped (dead) FFN neurons / head dims
+    until the width is a multiple of it, for kernels that prefer aligned sizes (benchmark
+    knobs, exact either way).
     """
     out = []
     for lp in _plan_layers(plan):
@@ -424,6 +425,20 @@ def _effective_layers(
                 target += 1  # q/k grow by whole pairs; v/o follow
             qk = [_pad_dims(d, target, g.head_dim, g.rope) for d in qk]
             vo = [_pad_dims(d, target, g.head_dim, False) for d in vo]
+        if dim_multiple > 1 and kv:
+            # round per-head widths up (kernel-friendly sizes), with dead dims only
+            for name, pair in (("qk", g.rope), ("vo", False)):
+                lists = qk if name == "qk" else vo
+                n = len(lists[0])
+                if n and n % dim_multiple:
+                    want = min(g.head_dim, -(-n // dim_multiple) * dim_multiple)
+                    if pair and (want - n) % 2:
+                        want = min(g.head_dim, want + 1)
+                    padded = [_pad_dims(d, want, g.head_dim, pair) for d in lists]
+                    if name == "qk":
+                        qk = padded
+                    else:
+                        vo = padded
         ffn = [int(j) for j in _get(lp, "ffn_kept")]
         if ffn_multiple > 1 and len(ffn) % ffn_multiple:
             want = min(g.ffn, -(-len(ffn) // ffn_multiple) * ffn_multiple)
@@ -445,10 +460,10 @@ def _effective_layers(
 
 
 @torch.no_grad()
-def _build_bert(model: nn.Module, g: _Geometry, plan: Any, equal: bool, mult: int):
+def _build_bert(model: nn.Module, g: _Geometry, plan: Any, equal: bool, mult: int, dmult: int):
     enc = _bert_encoder(model)
     cfg = model.config
-    shapes = _effective_layers(g, plan, equal, mult)
+    shapes = _effective_layers(g, plan, equal, mult, dmult)
     mods = _layer_modules(model, "bert")
     num_labels = 0
     head = getattr(model, "classifier", None)
@@ -521,9 +536,9 @@ def _rope_theta(cfg) -> float | None:
 
 
 @torch.no_grad()
-def _build_llama(model: nn.Module, g: _Geometry, plan: Any, equal: bool, mult: int):
+def _build_llama(model: nn.Module, g: _Geometry, plan: Any, equal: bool, mult: int, dmult: int):
     cfg = model.config
-    shapes = _effective_layers(g, plan, equal, mult)
+    shapes = _effective_layers(g, plan, equal, mult, dmult)
     mods = _layer_modules(model, "llama")
     group = g.n_heads // g.n_kv
     rot = model.model.rotary_emb
@@ -599,6 +614,7 @@ def prune_model(
     check_dead: bool = True,
     equal_head_dims: bool = True,
     ffn_multiple: int = 1,
+    dim_multiple: int = 1,
 ) -> tuple[nn.Module, Any]:
     """Validate ``plan`` (default: ``core.structure.build_plan``), then build the pruned
     module from the folded eval weights. Returns (pruned_module, plan).
@@ -614,9 +630,9 @@ def prune_model(
         plan = build_plan(gated_model, describe(gated_model))
     validate_plan(gated_model, plan, check_dead=check_dead)
     if g.family == "bert":
-        pm = _build_bert(gated_model, g, plan, equal_head_dims, ffn_multiple)
+        pm = _build_bert(gated_model, g, plan, equal_head_dims, ffn_multiple, dim_multiple)
     else:
-        pm = _build_llama(gated_model, g, plan, equal_head_dims, ffn_multiple)
+        pm = _build_llama(gated_model, g, plan, equal_head_dims, ffn_multiple, dim_multiple)
     return pm, plan
 
 

@@ -67,10 +67,10 @@ def test_equal_head_dims_padding_is_exact(family, equal):
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_ffn_multiple_keeps_dead_neurons_exactly(family):
+def test_multiples_keep_dead_neurons_and_dims_exactly(family):
     model = apply_pattern(BUILDERS[family](seed=0), "dims", seed=3)
-    pm, _ = prune_model(model, reference_plan(model), ffn_multiple=16)
-    assert all(s[3] % 16 == 0 for s in _shapes(pm))
+    pm, _ = prune_model(model, reference_plan(model), ffn_multiple=16, dim_multiple=4)
+    assert all(s[3] % 16 == 0 and s[1] % 4 == 0 and s[2] % 4 == 0 for s in _shapes(pm))
     assert max_abs_diff(model, pm) < 1e-4
 
 
