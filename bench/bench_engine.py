@@ -7,8 +7,8 @@ as the validation set every method sees, so the test set never picks a checkpoin
 max_length 64, batch 32, the same step budget for every method.
 Methods: FineGates calibrated @0.2 and @0.4, FineGates paper objective @0.4 (fidelity),
 PEFT LoRA r=8 on query,value (+ classifier head), head-only.
-Each method runs in its own subprocess so peak RSS (ru_maxrss, read right after training, before the
-test-time evaluation) is measured separately;
+Each method runs in its own subprocess so peak RSS (ru_maxrss at the last training step, before the final
+save and the test-time evaluation) is measured separately;
 s/step is the median optimizer-step wall time (evaluations excluded).
 
 Task-free sparsification: SmolLM2-135M (from the packaged GGUF, fp32) at target 0.3 on
@@ -143,8 +143,10 @@ class _Timer:
     def __init__(self):
         self.t = None
         self.durations = []
+        self.rss: list[float] = []  # ru_maxrss at each step: the training peak so far
 
     def on_step(self, r):
+        self.rss.append(_peak_rss_mb())
         now = time.perf_counter()
         if self.t is not None:
             self.durations.append(now - self.t)
@@ -175,7 +177,8 @@ def run_finegates(method: str, out: Path, steps: int, data: dict[str, Path], dev
     run_dir = out / "runs" / method
     timer = _Timer()
     res = train(job, run_dir, callback=timer, resume=False, device=device)
-    train_rss = _peak_rss_mb()  # before the test-time reload adds a second model copy
+    # peak while training (before the final save and the test-time reload)
+    train_rss = timer.rss[-1] if timer.rss else _peak_rss_mb()
     model, tok, info = load_gated_run(run_dir)
     model.to(device)
     acc = _eval_cls(model, tok, data["test"], torch.device(device))
@@ -192,10 +195,11 @@ def run_finegates(method: str, out: Path, steps: int, data: dict[str, Path], dev
         "steps": res.steps,
         "run_dir": str(run_dir),
         "peak_rss_mb": train_rss,
+        "rss_at_first_step_mb": timer.rss[0] if timer.rss else None,
     }
 
 
-def _plain_loop(model, params, tok, data, steps, lr, device) -> list[float]:
+def _plain_loop(model, params, tok, data, steps, lr, device) -> tuple[list[float], list[float]]:
     import torch
 
     rows = [json.loads(x) for x in data["train"].read_text().splitlines()]
@@ -205,8 +209,10 @@ def _plain_loop(model, params, tok, data, steps, lr, device) -> list[float]:
     g = torch.Generator().manual_seed(SEED)
     order: list[int] = []
     durations = []
+    rss: list[float] = []
     model.train()
     for _ in range(steps):
+        rss.append(_peak_rss_mb())
         if len(order) < BATCH:
             order += torch.randperm(len(rows), generator=g).tolist()
         idx, order = order[:BATCH], order[BATCH:]
@@ -220,7 +226,8 @@ def _plain_loop(model, params, tok, data, steps, lr, device) -> list[float]:
         opt.step()
         sched.step()
         durations.append(time.perf_counter() - t)
-    return durations
+    rss.append(_peak_rss_mb())
+    return durations, rss
 
 
 def run_baseline(method: str, out: Path, steps: int, data: dict[str, Path], device: str) -> dict:
@@ -246,8 +253,8 @@ def run_baseline(method: str, out: Path, steps: int, data: dict[str, Path], devi
         lr = 1e-3
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    durations = _plain_loop(model, params, tok, data, steps, lr, device)
-    train_rss = _peak_rss_mb()
+    durations, rss = _plain_loop(model, params, tok, data, steps, lr, device)
+    train_rss = rss[-1]
     acc = _eval_cls(model, tok, data["test"], torch.device(device))
     return {
         "method": method,
@@ -257,6 +264,7 @@ def run_baseline(method: str, out: Path, steps: int, data: dict[str, Path], devi
         "s_per_step": statistics.median(durations[1:] or durations),
         "steps": steps,
         "peak_rss_mb": train_rss,
+        "rss_at_first_step_mb": rss[0],
     }
 
 
@@ -290,6 +298,7 @@ def run_smollm2(out: Path, steps: int, data: dict[str, Path], device: str) -> di
     run_dir = out / "runs" / "smollm2_sparsify_0.3"
     timer = _Timer()
     res = train(job, run_dir, callback=timer, resume=False, device=device)
+    train_rss = timer.rss[-1] if timer.rss else _peak_rss_mb()
     model, tok, info = load_gated_run(run_dir)
     model.to(dev)
     ppl_after = evaluate(model, enc.examples, collate, "sparsify", None, 8, dev, ac)["perplexity"]
@@ -304,6 +313,7 @@ def run_smollm2(out: Path, steps: int, data: dict[str, Path], device: str) -> di
         "steps": res.steps,
         "eval_tokens_windows": len(enc.examples),
         "run_dir": str(run_dir),
+        "peak_rss_mb": train_rss,
     }
 
 
@@ -335,7 +345,7 @@ def _fmt(v, nd=3):
     return str(v)
 
 
-def table(results: dict[str, dict], steps: int, lm_steps: int) -> str:
+def table(results: dict[str, dict], steps: int, lm_steps: int, requested: list[str]) -> str:
     lines = [
         f"MiniLM-L6, movie reviews (sign of score), 8000/2000 split, max_length {MAX_LEN}, "
         f"batch {BATCH}, {steps} steps each",
@@ -343,7 +353,7 @@ def table(results: dict[str, dict], steps: int, lm_steps: int) -> str:
         "| method | test acc | measured sparsity | trainable params | s/step | peak RSS (MB) |",
         "|---|---|---|---|---|---|",
     ]
-    for m in METHODS:
+    for m in [x for x in METHODS if x in requested]:
         r = results.get(m)
         if r is None:
             lines.append(f"| {m} | failed | | | | |")
@@ -364,6 +374,8 @@ def table(results: dict[str, dict], steps: int, lm_steps: int) -> str:
                     f"peak RSS ratio {r['peak_rss_mb'] / lora['peak_rss_mb']:.2f}x"
                 )
     s = results.get("smollm2")
+    if "smollm2" not in requested:
+        return "\n".join(lines)
     lines += ["", f"SmolLM2-135M task-free sparsify @0.3 on BBC News, {lm_steps} steps", ""]
     if s:
         lines += [
@@ -414,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"# {m} failed (exit {r.returncode})", file=sys.stderr)
     cmdline = "bench/bench_engine.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = table(results, args.steps, args.lm_steps)
+    text = table(results, args.steps, args.lm_steps, args.methods.split(","))
     print(f"Command: `.venv/bin/python {cmdline}`\n\n{text}")
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "results" / "table.md").write_text(text + "\n")
