@@ -12,6 +12,10 @@ closed row outputs exactly 0; that is what makes the coupled groups of method.md
 removable. LoRA (``gates+lora``) sits inside the gates with B initialised to zero, so
 injecting never changes the model's eval outputs beyond the gates themselves.
 
+Without LoRA the forward runs through a hand-written autograd Function (_GatedLinearFn)
+that folds the gates into the weight and saves only x and the output for backward;
+FUSED_AUTOGRAD = False selects plain autograd (the reference the tests compare against).
+
 Like PEFT layers, GatedLinear declares the names of the state it owns
 (``adapter_layer_names``) so generic code can freeze, save and delete it.
 """
@@ -27,6 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from core.errors import ConfigError, UnsupportedModelError
 
@@ -82,6 +87,108 @@ class GateConfig:
 
 def _phi(x: Tensor) -> Tensor:
     return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+# Module switch for the fused autograd path (tests flip it to compare against the plain
+# autograd reference). The fused path is used whenever LoRA is off.
+FUSED_AUTOGRAD: bool = True
+
+
+def _gate_math_dtype(weight: Tensor, gate: Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 weights with fp32 gates; fp64 stays fp64 (gradcheck)."""
+    return torch.promote_types(weight.dtype, gate.dtype)
+
+
+class _GatedLinearFn(torch.autograd.Function):
+    """y = F.linear(x * z_c, W, b) * z_r, saving only what the backward needs.
+
+    Why: plain autograd over the three ops keeps x * z_c (and its low-precision cast under
+    autocast) and the pre-gate output y0 alive for every gated Linear, on top of the
+    activations the model keeps anyway. Here the gates are folded into the weight
+    (diag(z_r) W diag(z_c), an (out, in) elementwise op, cheaper than the (tokens, in) and
+    (tokens, out) ones it replaces) and the backward saves only x, the OUTPUT y, W, b and
+    the gate vectors. x and y are usually kept by the neighbouring ops anyway (the previous
+    LayerNorm/GELU output, the next GELU/attention input), so they share storage.
+
+    grad_z_r needs y0 = y / z_r, which is unknown where z_r == 0. torch's clamp passes the
+    gradient at the boundary (clamp(u, 0, 1) has d/du = 1 at u == 0 exactly), so a row
+    with z_r == 0 needs its real grad_z_r when u_r == 0; those rows (measure zero in
+    practice) are recomputed from x. ``row_dead`` marks rows whose clamp input is < 0
+    strictly: the clamp discards their gradient, so they are skipped (returned as 0).
+    With row_dead None every z_r == 0 row is recomputed (exact for any caller).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        z_r: Tensor,
+        z_c: Tensor,
+        row_dead: Tensor | None,
+    ) -> Tensor:
+        md = _gate_math_dtype(weight, z_r)
+        zr, zc = z_r.to(md), z_c.to(md)
+        wf = (weight.to(md) * zr[:, None] * zc).to(weight.dtype)
+        bf = None if bias is None else (bias.to(md) * zr).to(bias.dtype)
+        y = F.linear(x, wf, bf)  # autocast (if on) casts x / wf / bf as it would for Linear
+        _, n_w, _, n_zr, n_zc, _ = ctx.needs_input_grad
+        keep_x = n_w or n_zr or n_zc
+        ctx.save_for_backward(
+            x if keep_x else None,
+            y if n_zr else None,
+            weight,
+            bias,
+            z_r,
+            z_c,
+            row_dead,
+        )
+        ctx.compute_dtype = y.dtype
+        ctx.x_dtype = x.dtype
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x, y, weight, bias, z_r, z_c, row_dead = ctx.saved_tensors
+        n_x, n_w, n_b, n_zr, n_zc, _ = ctx.needs_input_grad
+        cd, xd = ctx.compute_dtype, ctx.x_dtype
+        md = _gate_math_dtype(weight, z_r)
+        out_f, in_f = weight.shape
+        zr, zc = z_r.to(md), z_c.to(md)
+        g2 = grad_y.reshape(-1, out_f).to(cd)
+        x2 = None if x is None else x.reshape(-1, in_f)
+        grad_x = grad_w = grad_b = grad_zr = grad_zc = None
+        with torch.autocast(device_type=grad_y.device.type, enabled=False):
+            if n_x or n_zc:
+                # d loss / d(x * z_c), in the compute dtype, then in x's dtype (as the
+                # autocast cast's backward would give it)
+                gxc = (g2 @ (weight.to(md) * zr[:, None]).to(cd)).to(xd)
+                if n_zc:
+                    grad_zc = (gxc * x2).sum(0, dtype=md).to(z_c.dtype)
+                if n_x:
+                    grad_x = gxc.mul_(z_c.to(xd)).reshape(ctx.x_shape)
+            if n_b and bias is not None:
+                grad_b = (g2.sum(0, dtype=md) * zr).to(bias.dtype)
+            if n_w:
+                gw = g2.t() @ x2.to(cd)  # (out, in) = grad_y^T x; gates applied below
+                grad_w = (gw.to(md) * zr[:, None] * zc).to(weight.dtype)
+            if n_zr:
+                # sum_n grad_y * y = z_r * sum_n grad_y * y0
+                s = (g2 * y.reshape(-1, out_f)).sum(0, dtype=md)
+                open_ = zr > 0
+                grad_zr = torch.where(open_, s / torch.where(open_, zr, 1.0), 0.0)
+                fix = ~open_ if row_dead is None else (~open_ & ~row_dead)
+                rows = fix.nonzero().squeeze(1)
+                if rows.numel():
+                    w_rows = (weight[rows].to(md) * zc).to(cd)
+                    b_rows = None if bias is None else bias[rows].to(cd)
+                    y0 = F.linear(x2.to(cd), w_rows, b_rows)
+                    grad_zr[rows] = (g2[:, rows] * y0).sum(0, dtype=md)
+                grad_zr = grad_zr.to(z_r.dtype)
+        return grad_x, grad_w, grad_b, grad_zr, grad_zc, None
 
 
 class GatedLinear(nn.Module):
@@ -143,15 +250,20 @@ class GatedLinear(nn.Module):
         return self.base.bias
 
     # -- gates -------------------------------------------------------------------------
-    def gates(self, training: bool | None = None) -> tuple[Tensor, Tensor]:
-        """(z_r, z_c). Training gates draw one noise vector each, shared by the batch."""
+    def _gate_preacts(self, training: bool | None = None) -> tuple[Tensor, Tensor]:
+        """Unclamped u = tanh(theta) (+ eps) + 0.5; the gates are clamp(u, 0, 1)."""
         training = self.training if training is None else training
         mu_r = torch.tanh(self.row_logits)
         mu_c = torch.tanh(self.col_logits)
         if training and self.noise_std > 0:
             mu_r = mu_r + torch.randn_like(mu_r) * self.noise_std
             mu_c = mu_c + torch.randn_like(mu_c) * self.noise_std
-        return (mu_r + 0.5).clamp(0.0, 1.0), (mu_c + 0.5).clamp(0.0, 1.0)
+        return mu_r + 0.5, mu_c + 0.5
+
+    def gates(self, training: bool | None = None) -> tuple[Tensor, Tensor]:
+        """(z_r, z_c). Training gates draw one noise vector each, shared by the batch."""
+        u_r, u_c = self._gate_preacts(training)
+        return u_r.clamp(0.0, 1.0), u_c.clamp(0.0, 1.0)
 
     def eval_gates(self) -> tuple[Tensor, Tensor]:
         """Deterministic gates; exactly 0 iff tanh(theta) <= -0.5."""
@@ -185,6 +297,13 @@ class GatedLinear(nn.Module):
         if self.record_input_mean and self.training:
             with torch.no_grad():
                 self.input_mean = x.detach().float().reshape(-1, x.shape[-1]).mean(0)
+        if FUSED_AUTOGRAD and self.lora_A is None:
+            u_r, u_c = self._gate_preacts()
+            z_r, z_c = u_r.clamp(0.0, 1.0), u_c.clamp(0.0, 1.0)
+            # Rows with u_r < 0 strictly get zero gradient from the clamp, so the fused
+            # backward may skip recovering their pre-gate output (see _GatedLinearFn).
+            row_dead = (u_r < 0).detach()
+            return _GatedLinearFn.apply(x, self.base.weight, self.base.bias, z_r, z_c, row_dead)
         z_r, z_c = self.gates()
         xc = x * z_c.to(x.dtype)  # (..., in)
         y = F.linear(xc, self.base.weight, self.base.bias)  # (..., out)
