@@ -99,6 +99,14 @@ def _gate_math_dtype(weight: Tensor, gate: Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, gate.dtype)
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype F.linear will run in (the autocast dtype when autocast is on)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 class _GatedLinearFn(torch.autograd.Function):
     """y = F.linear(x * z_c, W, b) * z_r, saving only what the backward needs.
 
@@ -116,6 +124,9 @@ class _GatedLinearFn(torch.autograd.Function):
     practice) are recomputed from x. ``row_dead`` marks rows whose clamp input is < 0
     strictly: the clamp discards their gradient, so they are skipped (returned as 0).
     With row_dead None every z_r == 0 row is recomputed (exact for any caller).
+
+    Not used under float16: y = y0 * z_r can underflow there for small z_r (z_r can be as
+    small as ~3e-8), so y / z_r would not recover y0; bf16 has fp32's exponent range.
     """
 
     @staticmethod
@@ -297,7 +308,7 @@ class GatedLinear(nn.Module):
         if self.record_input_mean and self.training:
             with torch.no_grad():
                 self.input_mean = x.detach().float().reshape(-1, x.shape[-1]).mean(0)
-        if FUSED_AUTOGRAD and self.lora_A is None:
+        if FUSED_AUTOGRAD and self.lora_A is None and _compute_dtype(x) != torch.float16:
             u_r, u_c = self._gate_preacts()
             z_r, z_c = u_r.clamp(0.0, 1.0), u_c.clamp(0.0, 1.0)
             # Rows with u_r < 0 strictly get zero gradient from the clamp, so the fused

@@ -258,3 +258,18 @@ def test_fused_saves_strictly_fewer_bytes_for_backward(fused_flag):
     n_tok = ids.numel()
     y0_bytes = sum(4 * n_tok * gm.out_features for gm in G.gated_modules(model).values())
     assert ref - fus >= y0_bytes // 2
+
+
+def test_float16_autocast_falls_back_to_reference(fused_flag, monkeypatch):
+    """y / z_r cannot recover y0 in fp16 (underflow for small z_r): plain autograd there."""
+    calls = []
+    real = G._GatedLinearFn.apply
+    monkeypatch.setattr(G._GatedLinearFn, "apply", lambda *a: calls.append(1) or real(*a))
+    G.FUSED_AUTOGRAD = True
+    gm = GatedLinear(nn.Linear(8, 4))
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = gm(torch.randn(3, 8))
+    assert y.dtype == torch.float16 and calls == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gm(torch.randn(3, 8))
+    assert calls == [1]
