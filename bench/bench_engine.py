@@ -43,6 +43,10 @@ if str(ROOT) not in sys.path:
 SEED = 1948
 MAX_LEN = 64
 BATCH = 32
+HEAD_LR = 3e-3  # FineGates' "auto" head_learning_rate; baselines train the same head at it
+LORA_LR = 1e-3
+LM_BATCH = 8  # overridable: --lm-batch / --lm-max-len (CPU runs use smaller windows)
+LM_MAX_LEN = 256
 METHODS = ["finegates_0.2", "finegates_0.4", "finegates_paper_0.4", "lora_r8", "head_only"]
 
 
@@ -204,7 +208,7 @@ def _plain_loop(model, params, tok, data, steps, lr, device) -> tuple[list[float
 
     rows = [json.loads(x) for x in data["train"].read_text().splitlines()]
     label2id = model.config.label2id
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr or 1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
     g = torch.Generator().manual_seed(SEED)
     order: list[int] = []
@@ -243,24 +247,26 @@ def run_baseline(method: str, out: Path, steps: int, data: dict[str, Path], devi
     if method == "lora_r8":
         from peft import LoraConfig, get_peft_model
 
+        # the same head as FineGates trains (pooler + classifier), at the same head lr
         cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
-                         modules_to_save=["classifier"], task_type="SEQ_CLS")  # fmt: skip
+                         modules_to_save=["classifier", "pooler"], task_type="SEQ_CLS")  # fmt: skip
         model = get_peft_model(model, cfg)
-        lr = 1e-3
     else:
         for n, p in model.named_parameters():
-            p.requires_grad_(n.startswith("classifier"))
-        lr = 1e-3
+            p.requires_grad_(n.startswith("classifier") or ".pooler." in n)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    durations, rss = _plain_loop(model, params, tok, data, steps, lr, device)
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    groups = [{"params": head, "lr": HEAD_LR}] + ([{"params": lora, "lr": LORA_LR}] if lora else [])
+    durations, rss = _plain_loop(model, groups, tok, data, steps, None, device)
     train_rss = rss[-1]
     acc = _eval_cls(model, tok, data["test"], torch.device(device))
     return {
         "method": method,
         "test_accuracy": acc,
         "measured_sparsity": 0.0,
-        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for g in params for p in g["params"]),
         "s_per_step": statistics.median(durations[1:] or durations),
         "steps": steps,
         "peak_rss_mb": train_rss,
@@ -278,7 +284,7 @@ def run_smollm2(out: Path, steps: int, data: dict[str, Path], device: str) -> di
     from core.train import _autocast_factory, evaluate, load_gated_run, train
 
     dev = torch.device(device)
-    max_len = 256
+    max_len = LM_MAX_LEN
     path = resolve_model("smollm2-135m", _data_dir(out))
     base = load_base(path, "sparsify")
     test_recs = [json.loads(x) for x in data["bbc_test"].read_text().splitlines()]
@@ -290,7 +296,7 @@ def run_smollm2(out: Path, steps: int, data: dict[str, Path], device: str) -> di
         "perplexity"
     ]
     del base
-    hp = Hyperparameters(max_steps=steps, batch_size=8, max_length=max_len, target_sparsity=0.3,
+    hp = Hyperparameters(max_steps=steps, batch_size=LM_BATCH, max_length=max_len, target_sparsity=0.3,
                          eval_interval=max(1, min(50, steps // 10 or 1)), n_checkpoints=1,
                          eval_max_batches=8)  # fmt: skip
     job = JobConfig(model="smollm2-135m", task="sparsify", training_file=str(data["bbc_train"]),
@@ -376,7 +382,8 @@ def table(results: dict[str, dict], steps: int, lm_steps: int, requested: list[s
     s = results.get("smollm2")
     if "smollm2" not in requested:
         return "\n".join(lines)
-    lines += ["", f"SmolLM2-135M task-free sparsify @0.3 on BBC News, {lm_steps} steps", ""]
+    lines += ["", f"SmolLM2-135M task-free sparsify @0.3 on BBC News, {lm_steps} steps, "
+              f"batch {LM_BATCH} x {LM_MAX_LEN} tokens", ""]
     if s:
         lines += [
             "| ppl dense | ppl gated | ratio | measured sparsity | s/step | peak RSS (MB) |",
@@ -401,9 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-train-docs", type=int, default=None, help="smoke runs only")
     ap.add_argument("--lm-eval-docs", type=int, default=None, help="smoke runs only")
     ap.add_argument("--data-dir", default=None, help="model cache (default OUT/models)")
+    ap.add_argument("--lm-batch", type=int, default=8)
+    ap.add_argument("--lm-max-len", type=int, default=256)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global _DATA_DIR
+    global _DATA_DIR, LM_BATCH, LM_MAX_LEN
+    LM_BATCH, LM_MAX_LEN = args.lm_batch, args.lm_max_len
     _DATA_DIR = Path(args.data_dir) if args.data_dir else None
     if args.worker:
         worker(args)
@@ -415,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in [x for x in args.methods.split(",") if x]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--worker", m,
                "--steps", str(args.steps), "--lm-steps", str(args.lm_steps),
-               "--device", args.device]  # fmt: skip
+               "--device", args.device, "--lm-batch", str(args.lm_batch),
+               "--lm-max-len", str(args.lm_max_len)]  # fmt: skip
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
         print(f"# running {m} ...", file=sys.stderr, flush=True)

@@ -506,7 +506,14 @@ def set_input_recording(model: nn.Module, enabled: bool) -> None:
 def default_head_modules(model: nn.Module) -> list[str]:
     """Task-head modules present on the model (classifier / score / qa_outputs)."""
     names = dict(model.named_modules())
-    return [n for n in names if n and n.split(".")[-1] in HEAD_MODULE_NAMES and "." not in n]
+    heads = [n for n in names if n and n.split(".")[-1] in HEAD_MODULE_NAMES and "." not in n]
+    # BERT's sequence-classification head is pooler (dense + tanh) + classifier; RoBERTa's
+    # classifier already holds the same dense layer. Sentence-embedding checkpoints such as
+    # all-MiniLM-L6-v2 were trained with mean pooling, so their frozen pooler is close to
+    # useless for a linear classifier: it must train with the head.
+    if heads:
+        heads += [n for n in names if n.count(".") == 1 and n.endswith(".pooler")]
+    return heads
 
 
 def _head_param_names(model: nn.Module, head_modules: Iterable[str]) -> set[str]:
