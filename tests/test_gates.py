@@ -319,7 +319,12 @@ def _bert_for_modes(lora: int = 0):
 
 
 def _expected(model: nn.Module, with_lora: bool) -> set[str]:
-    out = {n for n, _ in model.named_parameters() if n.startswith("classifier.")}
+    # the task head: classifier + BERT's pooler (dense + tanh in front of it)
+    out = {
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith("classifier.") or n.startswith("bert.pooler.")
+    }
     for g, _gm in gated_modules(model).items():
         out |= {f"{g}.row_logits", f"{g}.col_logits", f"{g}.base.bias"}
         if with_lora:
