@@ -35,9 +35,13 @@ class StepRecord:
 class EvalRecord:
     step: int
     total_steps: int
-    metrics: dict[str, float]  # task metrics by name: accuracy, f1, mcc, pearson, spearman, perplexity, eval_loss
+    metrics: dict[
+        str, float
+    ]  # task metrics by name: accuracy, f1, mcc, pearson, spearman, perplexity, eval_loss
     measured_sparsity: float  # fraction of gated weight params pruning will physically remove
-    sparsity_by_type: dict[str, float] = field(default_factory=dict)  # share of eval gates == 0 per layer type
+    sparsity_by_type: dict[str, float] = field(
+        default_factory=dict
+    )  # share of eval gates == 0 per layer type
     removable_params: int = 0
     gated_params: int = 0
     is_best: bool = False

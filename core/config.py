@@ -29,7 +29,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 # Defaults from method.md §2 (reference scripts) unless noted.
 DEFAULT_GATE_LR = 1e-2  # method.md measures MiniLM at gate lr 1e-2; 1e-3 needs ~10x the steps
-DEFAULT_HEAD_LR = 3e-3  # head (pooler + classifier) and biases; measured on MiniLM: 1e-3 barely moves in 40 steps
+DEFAULT_HEAD_LR = (
+    3e-3  # head (pooler + classifier) and biases; measured on MiniLM: 1e-3 barely moves in 40 steps
+)
 DEFAULT_LORA_LR = 1e-3
 DEFAULT_WEIGHT_LR = 2e-5
 
