@@ -315,7 +315,7 @@ def hf_representable(model: nn.Module) -> bool:
     shapes = {tuple(vars(s).values()) for s in model.config.layers}
     if len(shapes) != 1:
         return False
-    cfg = model.config
+    cfg: Any = model.config  # PrunedBertConfig | PrunedLlamaConfig
     s = cfg.layers[0]
     if isinstance(model, PrunedBertModel):
         # BertSelfAttention fixes head_dim = hidden / heads: only the FFN may shrink
@@ -354,7 +354,7 @@ def _hf_config(model: nn.Module, id2label: dict | None):
         from transformers import BertConfig, RobertaConfig
 
         cls = RobertaConfig if cfg.model_type == "roberta" else BertConfig
-        kw = {}
+        kw: dict[str, Any] = {}
         if id2label and cfg.num_labels:
             kw["id2label"] = {int(k): v for k, v in id2label.items()}
             kw["label2id"] = {v: int(k) for k, v in id2label.items()}
@@ -390,7 +390,8 @@ def _hf_config(model: nn.Module, id2label: dict | None):
         tie_word_embeddings=cfg.tie_word_embeddings,
         attention_bias=cfg.attention_bias,
         mlp_bias=cfg.mlp_bias,
-        rope_theta=float(cfg.extra.get("rope_theta", 10000.0)),
+        # transformers 5 folds the legacy rope_theta kwarg into rope_parameters; 4.x takes it
+        rope_theta=float(cfg.extra.get("rope_theta", 10000.0)),  # type: ignore[call-arg]
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id,

@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -126,7 +126,8 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
     py = random.getstate()
-    npst = np.random.get_state()
+    # the global generator is MT19937, so this is the legacy 5-tuple
+    npst = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     meta = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],

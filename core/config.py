@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from core.errors import ConfigError
 
@@ -245,10 +245,12 @@ class Hyperparameters:
         if h.weight_learning_rate == AUTO:
             h.weight_learning_rate = DEFAULT_WEIGHT_LR
         accum = h.gradient_accumulation_steps
-        steps_per_epoch = max(1, math.ceil(max(1, n_train) / (h.batch_size * accum)))
+        # "auto" batch_size/n_epochs were replaced by ints just above (validated values are
+        # int or "auto")
+        steps_per_epoch = max(1, math.ceil(max(1, n_train) / (cast(int, h.batch_size) * accum)))
         if h.n_epochs == AUTO:
             h.n_epochs = int(min(20, max(1, math.ceil(600 / steps_per_epoch))))
-        total = h.max_steps or steps_per_epoch * h.n_epochs
+        total = h.max_steps or steps_per_epoch * cast(int, h.n_epochs)
         if h.learning_rate == AUTO:
             # A gate travels ~1.6 logit units from init (theta~1) to closed (theta<-0.55)
             # and Adam moves it about lr per step, so short jobs need a larger gate lr to

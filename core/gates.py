@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -184,6 +184,7 @@ class _GatedLinearFn(torch.autograd.Function):
             if n_b and bias is not None:
                 grad_b = (g2.sum(0, dtype=md) * zr).to(bias.dtype)
             if n_w:
+                assert x2 is not None  # x is saved whenever a weight/gate grad is needed
                 gw = g2.t() @ x2.to(cd)  # (out, in) = grad_y^T x; gates applied below
                 grad_w = (gw.to(md) * zr[:, None] * zc).to(weight.dtype)
             if n_zr:
@@ -196,6 +197,7 @@ class _GatedLinearFn(torch.autograd.Function):
                 if rows.numel():
                     w_rows = (weight[rows].to(md) * zc).to(cd)
                     b_rows = None if bias is None else bias[rows].to(cd)
+                    assert x2 is not None
                     y0 = F.linear(x2.to(cd), w_rows, b_rows)
                     grad_zr[rows] = (g2[:, rows] * y0).sum(0, dtype=md)
                 grad_zr = grad_zr.to(z_r.dtype)
@@ -206,6 +208,9 @@ class GatedLinear(nn.Module):
     """An nn.Linear with learned row and column gates (and optional LoRA inside them)."""
 
     adapter_layer_names: tuple[str, ...] = ("row_logits", "col_logits", "lora_A", "lora_B")
+    lora_A: nn.Parameter | None
+    lora_B: nn.Parameter | None
+    input_mean: Tensor | None  # registered buffer, filled while record_input_mean is on
 
     def __init__(
         self,
@@ -300,8 +305,8 @@ class GatedLinear(nn.Module):
     # -- forward -------------------------------------------------------------------------
     def _weight(self) -> Tensor:
         w = self.base.weight
-        if self.lora_A is not None:
-            w = w + self.lora_scale * (self.lora_B @ self.lora_A).to(w.dtype)
+        if self.lora_A is not None:  # lora_B is set exactly when lora_A is
+            w = w + self.lora_scale * (cast(Tensor, self.lora_B) @ self.lora_A).to(w.dtype)
         return w
 
     def forward(self, x: Tensor) -> Tensor:
@@ -318,8 +323,9 @@ class GatedLinear(nn.Module):
         z_r, z_c = self.gates()
         xc = x * z_c.to(x.dtype)  # (..., in)
         y = F.linear(xc, self.base.weight, self.base.bias)  # (..., out)
-        if self.lora_A is not None:
-            y = y + self.lora_scale * F.linear(F.linear(xc, self.lora_A), self.lora_B)
+        if self.lora_A is not None:  # lora_B is set exactly when lora_A is
+            lora_B = cast(Tensor, self.lora_B)
+            y = y + self.lora_scale * F.linear(F.linear(xc, self.lora_A), lora_B)
         return y * z_r.to(y.dtype)
 
     # -- folding ---------------------------------------------------------------------------
@@ -391,7 +397,8 @@ def _is_head(name: str, model: nn.Module) -> bool:
     parts = name.split(".")
     if any(p in NEVER_GATED for p in parts):
         return True
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_out = getattr(model, "get_output_embeddings", None)  # HF models only
+    out_emb = get_out() if get_out is not None else None
     return out_emb is not None and model.get_submodule(name) is out_emb
 
 
@@ -565,7 +572,7 @@ def configure_trainable(
     if mode == "gates+lora" and not any(g.lora_A is not None for g in gated.values()):
         raise ConfigError("lora_rank", "trainable='gates+lora' needs lora_rank > 0 at injection")
     heads = list(default_head_modules(model) if head_modules is None else head_modules)
-    model.finegates_head_modules = heads  # plain attribute, read by param_groups
+    cast(Any, model).finegates_head_modules = heads  # plain attribute, read by param_groups
     kinds = _classify_params(model, heads)
     allowed = {"gates", "biases", "head"}
     if mode == "gates+lora":

@@ -58,7 +58,7 @@ def primary_metric(task: str, problem_type: str | None) -> tuple[str, str]:
     return "accuracy", "max"
 
 
-def is_better(value: float, best: float | None, mode: str) -> bool:
+def is_better(value: float | None, best: float | None, mode: str) -> bool:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return False
     if best is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -116,7 +116,8 @@ def load_base(
                 f"task {task!r} needs a decoder (Llama/Mistral/Qwen2-style); "
                 f"{cfg.model_type!r} is an encoder"
             )
-        model, info = AutoModelForCausalLM.from_pretrained(str(path), **common)
+        # output_loading_info=True makes it return (model, info); the stubs don't say so
+        model, info = cast(Any, AutoModelForCausalLM.from_pretrained(str(path), **common))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
     else:

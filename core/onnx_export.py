@@ -54,7 +54,8 @@ def export_onnx(
     of the next token), which is what the latency report times."""
     path = Path(path)
     model = model.eval()
-    ids = torch.randint(3, max(4, model.config.vocab_size), (2, 8))
+    cfg: Any = model.config  # a pruned model's config dataclass
+    ids = torch.randint(3, max(4, cfg.vocab_size), (2, 8))
     mask = torch.ones_like(ids)
     if isinstance(model, PrunedBertModel):
         args: tuple = (ids, mask, torch.zeros_like(ids))
@@ -72,7 +73,7 @@ def export_onnx(
         axes[out] = {0: "batch"} if last_only else {0: "batch", 1: "sequence"}
     else:
         raise ArtifactError(f"ONNX export supports pruned BERT/Llama models, not {type(model)}")
-    expand = [a for a in model.modules() if hasattr(a, "expand_kv")]
+    expand: list[Any] = [a for a in model.modules() if hasattr(a, "expand_kv")]
     for a in expand:
         a.expand_kv = True
     try:

@@ -25,7 +25,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -183,7 +183,7 @@ def dense_plan(model: nn.Module) -> dict:
             }
         )
     before = sum(
-        m.weight.shape[0] * m.weight.shape[1]
+        cast(Tensor, m.weight).shape[0] * cast(Tensor, m.weight).shape[1]
         for lm in _layer_modules(model, g.family)
         for k, m in lm.items()
         if not k.startswith("ln")
@@ -206,7 +206,7 @@ def plan_to_dict(plan: Any) -> dict:
         return json.loads(d) if isinstance(d, str) else d
     from dataclasses import asdict, is_dataclass
 
-    if is_dataclass(plan):
+    if is_dataclass(plan) and not isinstance(plan, type):
         return asdict(plan)
     raise PlanError(f"plan: cannot serialise a {type(plan).__name__}")
 
@@ -714,7 +714,7 @@ def compression_figures(gated_model: nn.Module, pruned: nn.Module, plan: Any) ->
             gates = _eval_gates(mod)
             if gates is None:
                 continue
-            o, n = mod.weight.shape
+            o, n = cast(Tensor, mod.weight).shape
             row["gated_before"] += o * n
             zr, zc = gates
             row["paper_after"] += int((zr > 0).sum()) * int((zc > 0).sum())
@@ -741,6 +741,7 @@ def _gated_after_layer(g: _Geometry, m: dict, blk: nn.Module) -> int:
     """Physically kept weights of this layer's GATED Linears (ungated ones not counted)."""
     gated = {k for k, mod in m.items() if _eval_gates(mod) is not None}
     C = m["q"].weight.shape[1]
+    a: Any  # the BertLayer itself, or a LlamaBlock's attention
     if g.family == "bert":
         a = blk
         H, dqk, dvo, F_ = a.n_heads, a.d_qk, a.d_vo, a.ffn

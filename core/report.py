@@ -20,9 +20,10 @@ import copy
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -33,6 +34,10 @@ from core.pruned import (
     PrunedBertModel,
     PrunedLlamaModel,
 )
+
+if TYPE_CHECKING:
+    from core.pruned.bert import BertLayer
+    from core.pruned.llama import LlamaBlock
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 64), (32, 128))
 
@@ -50,10 +55,11 @@ def dense_reference(model: nn.Module, original_shape: dict | None) -> nn.Module:
     """Our model family at the base model's full shapes (see module docstring)."""
     if not original_shape:
         raise ValueError("manifest has no original_shape: cannot build the dense reference")
-    cfg = copy.deepcopy(model.config)
+    cfg: Any = copy.deepcopy(model.config)  # PrunedBertConfig | PrunedLlamaConfig
     H, KV = original_shape["num_heads"], original_shape["num_kv_heads"]
     hd, F_ = original_shape["head_dim"], original_shape["intermediate_size"]
     n = original_shape.get("num_layers", len(cfg.layers))
+    dense: PrunedBertModel | PrunedLlamaModel
     if isinstance(model, PrunedBertModel):
         cfg.layers = [BertLayerShape(H, hd, hd, F_) for _ in range(n)]
         dense = PrunedBertModel(cfg)
@@ -80,29 +86,31 @@ def flop_count(model: nn.Module, batch: int, seq_len: int, lm_positions: int | N
     total = 0
     if isinstance(model, PrunedBertModel):
         C = model.config.hidden_size
-        for lyr in model.layers:
+        for lyr in cast("Iterable[BertLayer]", model.layers):
             H, q, v, f = lyr.n_heads, lyr.d_qk, lyr.d_vo, lyr.ffn
             total += tokens * (C * H * (2 * q + v) + H * v * C + 2 * C * f)
             total += batch * seq_len * seq_len * H * (q + v)
         if model.classifier is not None:
             total += batch * (C * C + C * model.config.num_labels)
         return total
-    C = model.config.hidden_size
-    for blk in model.layers:
+    cfg: Any = model.config  # a PrunedLlamaModel's, reached through nn.Module
+    C = cfg.hidden_size
+    for blk in cast("Iterable[LlamaBlock]", model.layers):
         a = blk.attn
         total += tokens * C * (a.n_q * a.d_qk + a.n_kv * a.d_qk + a.n_kv * a.d_vo)
         total += tokens * a.n_q * a.d_vo * C + tokens * 3 * C * blk.mlp.ffn
         total += batch * seq_len * (seq_len + 1) // 2 * a.n_q * (a.d_qk + a.d_vo)
     lm = seq_len if lm_positions is None else lm_positions
-    total += batch * lm * C * model.config.vocab_size
+    total += batch * lm * C * cfg.vocab_size
     return total
 
 
 def _decode_flops(model: nn.Module, context: int) -> int:
     """MACs of one decode step at a given context length (batch 1)."""
-    C = model.config.hidden_size
-    total = C * model.config.vocab_size
-    for blk in model.layers:
+    cfg: Any = model.config  # a PrunedLlamaModel's, reached through nn.Module
+    C: int = cfg.hidden_size
+    total = C * cfg.vocab_size
+    for blk in cast("Iterable[LlamaBlock]", model.layers):
         a = blk.attn
         total += C * (a.n_q * a.d_qk + a.n_kv * a.d_qk + a.n_kv * a.d_vo) + a.n_q * a.d_vo * C
         total += 3 * C * blk.mlp.ffn + context * a.n_q * (a.d_qk + a.d_vo)
@@ -166,7 +174,7 @@ def _decode_tok_s(
         warmup=1,
     )
     full = alternating_medians(fns, runs=runs, warmup=1)
-    out = {"prompt_tokens": prompt, "new_tokens": new_tokens, "runs": runs}
+    out: dict[str, float] = {"prompt_tokens": prompt, "new_tokens": new_tokens, "runs": runs}
     for k in ("dense", "pruned"):
         dt = max(full[k] - pre[k], 1e-6) / 1e3
         out[f"{k}_tok_s"] = (new_tokens - 1) / dt
@@ -274,8 +282,8 @@ def _onnx_rows(model, dense, shapes, runs, warmup, lm_pos) -> list[dict]:
             x, am = ids.numpy(), mask.numpy()
             med = alternating_medians(
                 {
-                    "dense": lambda x=x, am=am: rd(x, am),
-                    "pruned": lambda x=x, am=am: rp(x, am),
+                    "dense": partial(rd, x, am),
+                    "pruned": partial(rp, x, am),
                 },
                 runs=runs,
                 warmup=warmup,

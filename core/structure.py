@@ -36,6 +36,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,7 @@ _LAYER_PATTERNS = {
     "bert": re.compile(r"(?P<prefix>(.*\.)?layer\.)(?P<idx>\d+)\.attention\.self\.query"),
     "llama": re.compile(r"(?P<prefix>(.*\.)?layers\.)(?P<idx>\d+)\.self_attn\.q_proj"),
 }
-_ROLE_SUFFIXES = {
+_ROLE_SUFFIXES: dict[str, dict[str, Any]] = {  # role -> suffix (str), or list for ffn_in
     "bert": {
         "q": "attention.self.query",
         "k": "attention.self.key",
@@ -272,7 +273,7 @@ def _masks(model: nn.Module, name: str) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             z_r, z_c = m.eval_gates()
         return (z_r > 0).cpu(), (z_c > 0).cpu()
-    out_f, in_f = m.weight.shape
+    out_f, in_f = cast(Tensor, m.weight).shape
     return torch.ones(out_f, dtype=torch.bool), torch.ones(in_f, dtype=torch.bool)
 
 
@@ -326,7 +327,7 @@ def _layer_plan(model: nn.Module, S: ModelStructure, ls: LayerStructure) -> Laye
     )
 
 
-def _shape_after(S: ModelStructure, lp: LayerPlan, kind: str, shape: tuple[int, int]) -> int:
+def _shape_after(S: ModelStructure, lp: LayerPlan, kind: str, shape: tuple[int, ...]) -> int:
     out_f, in_f = shape
     n_kv = len(lp.kv_heads_kept)
     n_q = len(lp.heads_kept)

@@ -118,7 +118,9 @@ def encode_classification(
             truncation=True,
             max_length=max_length,
         )
-        ex = {k: list(v) for k, v in enc.items() if k in ("input_ids", "token_type_ids")}
+        ex: dict[str, Any] = {
+            k: list(v) for k, v in enc.items() if k in ("input_ids", "token_type_ids")
+        }
         if label2id is None:
             ex["labels"] = float(r["label"])
         else:
@@ -206,7 +208,7 @@ class Collator:
         out["attention_mask"] = mask
         if tt is not None:
             out["token_type_ids"] = tt
-        if self.lm:
+        if lab is not None:  # exactly when self.lm
             out["labels"] = lab
         else:
             first = batch[0]["labels"]

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -143,7 +143,7 @@ class _Prepared:
 
 
 def _load_data(config: JobConfig) -> tuple[str, LoadedData, list[dict], list[dict]]:
-    cols = {
+    cols: dict[str, Any] = {
         "text_column": config.text_column,
         "text_pair_column": config.text_pair_column,
         "label_column": config.label_column,
@@ -259,7 +259,7 @@ def save_final(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / FINAL_STATE))
-    model.config.save_pretrained(str(tmp))
+    cast(Any, model.config).save_pretrained(str(tmp))  # an HF PretrainedConfig
     (tmp / FINAL_INFO).write_text(json.dumps(info, indent=2, default=float), "utf-8")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -403,7 +403,7 @@ def train(
 
     # --- tokens -----------------------------------------------------------------------
     label2id = (
-        {lab: i for i, lab in enumerate(labels)}
+        {lab: i for i, lab in enumerate(cast(list[str], labels))}  # asserted set above
         if task == "classification" and problem_type != "regression"
         else None
     )

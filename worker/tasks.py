@@ -26,7 +26,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from celery import shared_task
 from celery.exceptions import Reject
@@ -314,7 +314,8 @@ def _run_claimed(
             training_file=training_file or "",
             task=job.task,
             validation_file=validation_file,
-            hyperparameters=dict(job.hyperparameters or {}),
+            # JobConfig.validate turns the stored dict into Hyperparameters
+            hyperparameters=cast(Any, dict(job.hyperparameters or {})),
             seed=job.seed,
             data_dir=str(settings.data_path),
             allow_hub=settings.allow_hub,
@@ -324,13 +325,15 @@ def _run_claimed(
         if cb.stop_reason is not None:
             return _stopped(job_id, cb, factory, me, enqueue)
 
+        # train() leaves measured_sparsity None only when stopped before any evaluation
+        sparsity = float(cast(float, result.measured_sparsity))
         cb.add_event(
             f"Training finished ({result.status}) after {result.steps} steps; measured "
-            f"sparsity {float(result.measured_sparsity):.3f}"
+            f"sparsity {sparsity:.3f}"
         )
         artifact_rel = Path("artifacts") / job_id
         summary = package_run(run_dir, settings.data_path / artifact_rel, cb)
-        summary.setdefault("measured_sparsity", float(result.measured_sparsity))
+        summary.setdefault("measured_sparsity", sparsity)
         target = (job.hyperparameters or {}).get("target_sparsity")
         if target is None:
             target = job.target_sparsity
@@ -349,7 +352,7 @@ def _run_claimed(
                 fine_tuned_model=ft_id,
                 artifact_dir=str(artifact_rel),
                 trained_tokens=int(last.tokens) if last is not None and last.tokens else None,
-                measured_sparsity=float(result.measured_sparsity),
+                measured_sparsity=sparsity,
                 compression=summary,
             )
         if not ok:

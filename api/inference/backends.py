@@ -84,8 +84,9 @@ def _model_limit(model: Any, tokenizer: Any, manifest: dict | None = None) -> in
     for obj in (config, manifest or {}):
         for name in ("max_position_embeddings", "max_seq_len", "max_sequence_length"):
             v = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-            if _sane_limit(v):
-                candidates.append(int(v))
+            lim = _sane_limit(v)  # int(v) when sane
+            if lim:
+                candidates.append(lim)
     arch = (manifest or {}).get("config") or (manifest or {}).get("architecture") or {}
     if isinstance(arch, dict) and _sane_limit(arch.get("max_position_embeddings")):
         candidates.append(int(arch["max_position_embeddings"]))
@@ -127,6 +128,7 @@ class ClassifierBackend:
     """Tokenize per request (length checks), run padded batches (one model call each)."""
 
     task = "classification"
+    _onnx_bytes: int  # set by load_backend for ONNX sessions (no model to measure)
 
     def __init__(
         self,

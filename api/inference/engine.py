@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -241,7 +241,7 @@ class InferenceEngine:
 
     async def stream(
         self, backend: CausalLMBackend, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk, None]:
         """Chunks as the generation thread produces them.
 
         Closing this iterator (the client went away and the response task was cancelled)

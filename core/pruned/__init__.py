@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from core.pruned.bert import BertLayerShape, PrunedBertConfig, PrunedBertModel
 from core.pruned.llama import KVCache, LlamaLayerShape, PrunedLlamaConfig, PrunedLlamaModel
 
-FAMILIES = {
+# (config class, model class) per family; Any because the pairs differ in type per family
+FAMILIES: dict[str, tuple[Any, Any]] = {
     "bert": (PrunedBertConfig, PrunedBertModel),
     "llama": (PrunedLlamaConfig, PrunedLlamaModel),
 }

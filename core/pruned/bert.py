@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +141,7 @@ class BertLayer(nn.Module):
         H, dqk, dvo = self.n_heads, self.d_qk, self.d_vo
         if H == 0 or dvo == 0:
             return self.o(x.new_zeros(B, T, 0))  # (B, T, C): just the output bias
-        qkv = self.qkv(x)  # (B, T, H*(2*dqk + dvo))
+        qkv = cast(nn.Linear, self.qkv)(x)  # (B, T, H*(2*dqk + dvo)); exists when H, dvo > 0
         q, k, v = qkv.split([H * dqk, H * dqk, H * dvo], dim=-1)
         v = v.view(B, T, H, dvo).transpose(1, 2)  # (B, H, T, dvo)
         if dqk == 0:

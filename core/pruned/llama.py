@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,7 @@ class KVCache:
         p = next(model.parameters())
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
-        for layer in model.layers:
+        for layer in cast("Iterable[LlamaBlock]", model.layers):
             a = layer.attn
             self.k.append(p.new_zeros(batch, a.n_kv, max_len, max(a.d_qk, 1)))
             self.v.append(p.new_zeros(batch, a.n_kv, max_len, a.d_vo))
@@ -120,6 +121,8 @@ class KVCache:
 
 
 class LlamaAttention(nn.Module):
+    inv_freq: Tensor  # registered buffer (n_kv, d_qk/2)
+
     def __init__(self, cfg: PrunedLlamaConfig, shape: LlamaLayerShape):
         super().__init__()
         C, g = cfg.hidden_size, cfg.group_size
@@ -161,6 +164,7 @@ class LlamaAttention(nn.Module):
             k = x.new_zeros(B, self.n_kv, T, 1)
             q = x.new_zeros(B, self.n_q, T, 1)
         else:
+            assert rope is not None  # the model passes rope whenever d_qk > 0
             cos, sin = rope
             q = self._rope(q, cos, sin, self.group)  # (B, n_q, T, d_qk)
             k = self._rope(k, cos, sin, 1)  # (B, n_kv, T, d_qk)
@@ -237,12 +241,13 @@ class PrunedLlamaModel(nn.Module):
         """Every layer's [inv_freq, inv_freq] (n_kv*d_qk values) in one vector, so cos/sin
         for all layers come from ONE elementwise op per forward; rebuilt when a layer's
         inv_freq buffer changes (load_state_dict, copy_)."""
-        bufs = [blk.attn.inv_freq for blk in self.layers]
+        blocks = cast("Iterable[LlamaBlock]", self.layers)
+        bufs: list[Tensor] = [blk.attn.inv_freq for blk in blocks]
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         key = () if tracing else tuple((b.data_ptr(), b._version, b.device) for b in bufs)
         if tracing or key != self._rope_key or self._rope_freqs is None:
             parts, slices, off = [], [], 0
-            for blk, b in zip(self.layers, bufs, strict=True):
+            for blk, b in zip(blocks, bufs, strict=True):
                 n = blk.attn.n_kv * blk.attn.d_qk  # python ints (tracing-safe)
                 parts.append(torch.cat([b, b], dim=-1).reshape(n))
                 slices.append((off, off + n))
