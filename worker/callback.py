@@ -3,15 +3,22 @@
 Why batching: a step can take milliseconds on a tiny model, and one UPDATE + INSERT per
 step from every worker would flood Postgres (and lock SQLite). Records are buffered and
 written in ONE transaction (``api.jobstate.record_progress``) at most every
-``flush_interval_s`` or every ``flush_max_records`` records, and always on an evaluation,
-a checkpoint and at the end. That write doubles as the job's heartbeat and brings back
-the cancel flag, so cancelling costs no extra query.
+``flush_interval_s`` or every ``flush_max_records`` records, and always on the first step
+of a delivery (a poller sees the job training as soon as it is, not up to
+``flush_interval_s`` later), on an evaluation, a checkpoint and at the end. That write
+doubles as the job's heartbeat and brings back the cancel flag, so cancelling costs no
+extra query.
 
 The callback returns ``False`` (stop cleanly, after a checkpoint) when:
 - the job's ``cancel_requested`` flag is set            -> stop_reason "cancelled"
-- the row no longer belongs to this worker (reaped)     -> stop_reason "lost"
 - the worker is shutting down (Ctrl-C, SIGTERM)          -> stop_reason "shutdown"
 - the job ran past ``max_job_seconds``                   -> stop_reason "timeout"
+
+When the row no longer belongs to this worker (reaped and maybe already claimed by
+another worker), stop_reason is "lost" and the callback RAISES ``JobLost`` instead: a
+clean stop would write a "stop" checkpoint and prune old ones in the run directory the
+new owner is using. ``core.train.train`` lets callback exceptions through without
+writing anything, and the task ends the delivery without touching the row or the disk.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ log = logging.getLogger(__name__)
 # Past this many unwritten records (database unreachable), the oldest train points are
 # dropped so a long outage cannot eat the worker's memory; evals and events are kept.
 _MAX_BUFFER = 10_000
+
+
+class JobLost(Exception):
+    """This worker no longer owns the job: stop at once, write nothing (see module doc)."""
 
 
 def _finite(x: float | None) -> float | None:
@@ -77,6 +88,7 @@ class JobCallback:
         self._events: list[dict[str, Any]] = []
         self._measured: float | None = None
         self._dirty = False
+        self._steps_seen = 0
         self._last_flush = clock()
         self._lock = threading.Lock()
 
@@ -104,9 +116,11 @@ class JobCallback:
             )
             self._dirty = True
             due = (
-                len(self._metrics) >= self.flush_max_records
+                self._steps_seen == 0
+                or len(self._metrics) >= self.flush_max_records
                 or self.clock() - self._last_flush >= self.flush_interval_s
             )
+            self._steps_seen += 1
         if due:
             self.flush(step_event=True)
         return self._go_on()
@@ -158,9 +172,13 @@ class JobCallback:
         metrics = {k: _finite(v) for k, v in (record.metrics or {}).items()}
         if record.measured_sparsity is not None:
             metrics["measured_sparsity"] = _finite(record.measured_sparsity)
+        if self.stop_reason == "lost":
+            self._go_on()  # raises JobLost: the row is another worker's now
         try:
             with session_scope(self.session_factory) as s:
-                jobstate.add_checkpoint(s, self.job_id, int(record.step), record.path, metrics)
+                jobstate.add_checkpoint(
+                    s, self.job_id, int(record.step), record.path, metrics, worker_id=self.worker_id
+                )
         except Exception:  # a lost row must not kill training; the files are on disk
             log.exception(
                 "job %s: could not record checkpoint at step %s", self.job_id, record.step
@@ -239,8 +257,8 @@ class JobCallback:
             self._dirty = False
             self._last_flush = self.clock()
             self.flushes += 1
-            if not ack.owned and self.stop_reason is None:
-                self.stop_reason = "lost"
+            if not ack.owned:
+                self.stop_reason = "lost"  # overrides cancel/shutdown: nothing is ours to write
             elif ack.cancel_requested and self.stop_reason is None:
                 self.stop_reason = "cancelled"
             return True
@@ -254,6 +272,8 @@ class JobCallback:
     # --- stopping ----------------------------------------------------------------------
 
     def _go_on(self) -> bool | None:
+        if self.stop_reason == "lost":
+            raise JobLost(f"job {self.job_id} no longer belongs to worker {self.worker_id}")
         if self.stop_reason is None:
             if self.shutdown is not None and self.shutdown.is_set():
                 self.stop_reason = "shutdown"

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 TASK_RUN_JOB = "finegates.run_job"
 QUEUES = ("gpu", "cpu")
+# How often a worker on the embedded SQL broker looks for a message (kombu's default is
+# 1 s, i.e. half a second of queue wait on average before a job even starts). An idle
+# poll is one small transaction per queue on the broker's SQLite file.
+EMBEDDED_POLL_INTERVAL_S = 0.1
 
 _lock = threading.Lock()
 _apps: dict[str, Celery] = {}
@@ -53,13 +57,15 @@ def make_celery(settings: Settings) -> Celery:
     embedded = is_embedded_broker(url)
     if url.startswith("sqla+sqlite:///"):
         settings.data_path.mkdir(parents=True, exist_ok=True)
+    if url.startswith(("sqla+", "sqlalchemy+")):
+        _set_sql_poll_interval(EMBEDDED_POLL_INTERVAL_S)
     app = Celery("finegates", broker=url, include=["worker.tasks"])
     transport_options: dict[str, Any] = {}
     if url.startswith(("redis://", "rediss://")):
         # Longer than any job: Redis redelivers an unacked message after this long.
         transport_options["visibility_timeout"] = int(settings.max_job_seconds) + 3600
     # The SQLAlchemy transport passes every transport option to create_engine(), so it
-    # gets none (its poll interval stays at kombu's 1 s).
+    # gets none (its poll interval is set on the class instead: _set_sql_poll_interval).
     app.conf.update(
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
@@ -100,6 +106,15 @@ def make_celery(settings: Settings) -> Celery:
     )
     app.conf.finegates_embedded = embedded
     return app
+
+
+def _set_sql_poll_interval(seconds: float) -> None:
+    """kombu's SQLAlchemy transport cannot take ``polling_interval`` as a transport option
+    (it hands every option to ``create_engine()``, which rejects it), so set the class
+    default. Only FineGates' embedded broker uses this transport in our processes."""
+    from kombu.transport import sqlalchemy as kombu_sqla
+
+    kombu_sqla.Transport.polling_interval = seconds
 
 
 def get_app(settings: Settings | None = None) -> Celery:

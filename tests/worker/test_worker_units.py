@@ -154,6 +154,11 @@ def test_celery_config_embedded_and_redis(tmp_path: Path) -> None:
     assert {q.name for q in c.task_queues} == {"gpu", "cpu"}
     assert c.worker_enable_remote_control is False  # virtual transport: no fanout
     assert c.broker_transport_options == {}  # the SQL transport hands options to create_engine
+    # ...so its poll interval (kombu's default: 1 s of queue wait) is set on the class
+    from worker.celery_app import EMBEDDED_POLL_INTERVAL_S
+
+    with app.connection_for_read() as conn:
+        assert conn.transport.polling_interval == EMBEDDED_POLL_INTERVAL_S < 1.0
 
     r = make_celery(Settings(data_dir=tmp_path / "d", broker_url="redis://h:6379/0"))
     vt = r.conf.broker_transport_options["visibility_timeout"]
@@ -191,13 +196,16 @@ def test_callback_batches_and_flushes_on_eval_and_checkpoint(sessions, settings)
         with session_scope(sessions) as s:
             return len(s.execute(select(JobMetric).where(JobMetric.job_id == job_id)).all())
 
-    for i in range(1, 11):
+    assert cb.on_step(step(1)) is None
+    assert n_metrics() == 1 and cb.flushes == 1  # the first step is written at once
+    assert job_row(sessions, job_id).step == 1
+    for i in range(2, 11):
         assert cb.on_step(step(i)) is None
-    assert n_metrics() == 0 and cb.flushes == 0  # buffered: nothing written per step
+    assert n_metrics() == 1 and cb.flushes == 1  # then buffered: nothing written per step
 
     clock.t += 2.5
     cb.on_step(step(11, measured_sparsity=0.25))
-    assert cb.flushes == 1 and n_metrics() == 11
+    assert cb.flushes == 2 and n_metrics() == 11
     row = job_row(sessions, job_id)
     assert (row.step, row.total_steps, row.trained_tokens) == (11, 100, 1100)
     assert row.measured_sparsity == pytest.approx(0.25)
@@ -206,7 +214,7 @@ def test_callback_batches_and_flushes_on_eval_and_checkpoint(sessions, settings)
     cb.on_eval(
         EvalRecord(step=11, total_steps=100, metrics={"accuracy": 0.75}, measured_sparsity=0.3)
     )
-    assert cb.flushes == 2 and n_metrics() == 12  # evaluations flush at once
+    assert cb.flushes == 3 and n_metrics() == 12  # evaluations flush at once
     cb.on_checkpoint(CheckpointRecord(step=11, path="/runs/x/checkpoints/step-11"))
     with session_scope(sessions) as s:
         ck = s.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)).scalar_one()
@@ -225,7 +233,7 @@ def test_callback_batches_and_flushes_on_eval_and_checkpoint(sessions, settings)
 
 
 def test_callback_stops_on_cancel_loss_and_shutdown(sessions, settings) -> None:
-    from worker.callback import JobCallback
+    from worker.callback import JobCallback, JobLost
 
     job_id = make_job(sessions, settings)
     with session_scope(sessions) as s:
@@ -240,7 +248,9 @@ def test_callback_stops_on_cancel_loss_and_shutdown(sessions, settings) -> None:
     with session_scope(sessions) as s:
         jobstate.claim(s, other, "w2")
     lost = JobCallback(sessions, other, "not-the-owner", flush_interval_s=0.0)
-    assert lost.on_step(step(1)) is False and lost.stop_reason == "lost"
+    with pytest.raises(JobLost):  # no clean stop: its "stop" checkpoint is not its to write
+        lost.on_step(step(1))
+    assert lost.stop_reason == "lost"
 
     third = make_job(sessions, settings)
     with session_scope(sessions) as s:
