@@ -96,8 +96,9 @@ def _guarded(
     expected: Iterable[str],
     values: dict[str, Any],
     worker_id: str | None = None,
+    where: Iterable[Any] = (),
 ) -> bool:
-    stmt = update(Job).where(Job.id == job_id, Job.status.in_(list(expected)))
+    stmt = update(Job).where(Job.id == job_id, Job.status.in_(list(expected)), *where)
     if worker_id is not None:
         stmt = stmt.where(Job.worker_id == worker_id)
     res = session.execute(stmt.values(**values), execution_options={"synchronize_session": False})
@@ -197,8 +198,22 @@ def finish_failed(
 
 
 def claim(session: Session, job_id: str, worker_id: str, *, run_dir: str | None = None) -> bool:
-    """queued -> running for ``worker_id``; False means someone else has it (or it's done)."""
+    """queued -> running for ``worker_id``; False means someone else has it (or it's done).
+
+    A queued job whose cancel flag is set (raised while it was running, then handed back)
+    goes to cancelled instead of running again.
+    """
     now = utcnow()
+    if _guarded(
+        session,
+        job_id,
+        [QUEUED],
+        {"status": CANCELLED, "finished_at": now, "estimated_finish": None, "worker_id": None},
+        where=[Job.cancel_requested.is_(True)],
+    ):
+        add_event(session, job_id, "Job cancelled before it resumed", commit=False)
+        session.commit()
+        return False
     values: dict[str, Any] = {
         "status": RUNNING,
         "worker_id": worker_id,
@@ -208,7 +223,7 @@ def claim(session: Session, job_id: str, worker_id: str, *, run_dir: str | None 
     }
     if run_dir is not None:
         values["run_dir"] = run_dir
-    ok = _guarded(session, job_id, [QUEUED], values)
+    ok = _guarded(session, job_id, [QUEUED], values, where=[Job.cancel_requested.is_not(True)])
     if not ok:
         session.rollback()
         return False
@@ -297,8 +312,21 @@ def add_checkpoint(
     step: int,
     path: str,
     metrics: Mapping[str, Any] | None = None,
-) -> str:
-    """Record a checkpoint (idempotent per job and step: a resumed run may save it again)."""
+    *,
+    worker_id: str | None = None,
+) -> str | None:
+    """Record a checkpoint (idempotent per job and step: a resumed run may save it again).
+
+    With ``worker_id`` (the worker's call), only while the job runs under that worker:
+    a worker that lost the job must not list its files on the new owner's job. The
+    guard is an UPDATE of the heartbeat, so the row stays locked until the commit.
+    Returns None when refused.
+    """
+    if worker_id is not None and not _guarded(
+        session, job_id, [RUNNING], {"heartbeat_at": utcnow()}, worker_id
+    ):
+        session.rollback()
+        return None
     existing = session.execute(
         select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step)
     ).scalar_one_or_none()
@@ -403,7 +431,20 @@ def release(session: Session, job_id: str, worker_id: str, message: str | None =
 
     The worker has just written a checkpoint, so the attempt it used is given back: a
     deliberate restart of ``finegates serve`` must not count toward the retry limit.
+    A job whose cancel flag is set goes to cancelled instead (returns False; the caller
+    reads the status): requeueing it would run a job the user asked to stop.
     """
+    if _guarded(
+        session,
+        job_id,
+        [RUNNING],
+        {"status": CANCELLED, "finished_at": utcnow(), "estimated_finish": None},
+        worker_id,
+        where=[Job.cancel_requested.is_(True)],
+    ):
+        add_event(session, job_id, "Job cancelled (the worker stopped)", commit=False)
+        session.commit()
+        return False
     ok = _guarded(
         session,
         job_id,

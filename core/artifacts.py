@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,48 +160,78 @@ def save_artifact(
     """
     from core.prune import plan_to_dict
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    family = _family_of(model)
-    save_file(_weights_to_save(model), str(out / WEIGHTS), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    id2label = None
-    if isinstance(labels, dict):
-        id2label = {str(k): v for k, v in labels.items()}
-    elif labels:
-        id2label = {str(i): str(n) for i, n in enumerate(labels)}
-    hf_written = False
-    if write_hf and hf_representable(model):
-        _write_hf(model, tokenizer, out / HF_DIR, id2label)
-        hf_written = True
-    files = {}
-    for p in sorted(out.rglob("*")):
-        rel = p.relative_to(out).as_posix()
-        if p.is_file() and rel not in (MANIFEST, "report.json") and not rel.endswith(".tmp"):
-            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "engine_version": ENGINE_VERSION,
-        "family": family,
-        "model_type": model.config.model_type,
-        "model_config": model.config.to_dict(),
-        "base_model": {"id": base_model, "sha256": base_model_hash, "path": dense_source},
-        "task": task,
-        "id2label": id2label,
-        "plan": None if plan is None else plan_to_dict(plan),
-        "original_shape": original_shape,
-        "training_config": training_config,
-        "metrics": metrics or {},
-        "compression": compression or {},
-        "hf_subfolder": HF_DIR if hf_written else None,
-        "files": files,
-    }
-    for k, v in (extra or {}).items():
-        manifest.setdefault(k, v)
-    manifest = _jsonable(manifest)
-    _write_json(out / MANIFEST, manifest)
+    # Written into a hidden sibling, then renamed into place: a reader (or a second
+    # writer, e.g. a worker that lost its job) never sees a half-written artifact.
+    final = Path(output_dir).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        family = _family_of(model)
+        save_file(_weights_to_save(model), str(out / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        id2label = None
+        if isinstance(labels, dict):
+            id2label = {str(k): v for k, v in labels.items()}
+        elif labels:
+            id2label = {str(i): str(n) for i, n in enumerate(labels)}
+        hf_written = False
+        if write_hf and hf_representable(model):
+            _write_hf(model, tokenizer, out / HF_DIR, id2label)
+            hf_written = True
+        files = {}
+        for p in sorted(out.rglob("*")):
+            rel = p.relative_to(out).as_posix()
+            if p.is_file() and rel not in (MANIFEST, "report.json") and not rel.endswith(".tmp"):
+                files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "engine_version": ENGINE_VERSION,
+            "family": family,
+            "model_type": model.config.model_type,
+            "model_config": model.config.to_dict(),
+            "base_model": {"id": base_model, "sha256": base_model_hash, "path": dense_source},
+            "task": task,
+            "id2label": id2label,
+            "plan": None if plan is None else plan_to_dict(plan),
+            "original_shape": original_shape,
+            "training_config": training_config,
+            "metrics": metrics or {},
+            "compression": compression or {},
+            "hf_subfolder": HF_DIR if hf_written else None,
+            "files": files,
+        }
+        for k, v in (extra or {}).items():
+            manifest.setdefault(k, v)
+        manifest = _jsonable(manifest)
+        _write_json(out / MANIFEST, manifest)
+        _replace_dir(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     return manifest
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst``, replacing any folder there.
+
+    A directory cannot be renamed over a non-empty one, so the old one is first renamed
+    aside and deleted afterwards: ``dst`` holds the old or the new artifact (or, between
+    the two renames, nothing), never a mix of both.
+    """
+    os.chmod(src, 0o755)  # mkdtemp makes it 0700
+    old: Path | None = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+        os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None and not dst.exists():
+            os.replace(old, dst)  # put the previous artifact back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -22,6 +23,8 @@ from core.errors import ModelNotFoundError, UnsupportedModelError
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REGISTRY_FILE = "models.json"
+# owner/name, as the hub spells repo ids; never a path ("~/x", "/x", "a/../b")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", re.ASCII)
 _CACHE_LOCK = threading.Lock()
 
 
@@ -235,13 +238,24 @@ def _hub_snapshot(model_id: str) -> Path:
     return folder
 
 
+def is_hub_id(model_id: str) -> bool:
+    """Does ``model_id`` look like a hub repo id (``owner/name``) and nothing else?"""
+    return bool(HUB_ID_RE.match(model_id)) and ".." not in model_id
+
+
 def resolve_model(
     model_id: str,
     data_dir: Path | str,
     allow_hub: bool = False,
     registry: Path | str | None = None,
+    allow_paths: bool = True,
 ) -> Path:
-    """Return a local HF folder for ``model_id`` (built-in, registered, path or hub)."""
+    """Return a local HF folder for ``model_id`` (built-in, registered, path or hub).
+
+    ``allow_paths=False`` is for ids a service tenant sent: a local folder path is then
+    never tried (a tenant must not train on an arbitrary server folder) and a hub id
+    must have the strict ``owner/name`` shape (``is_hub_id``).
+    """
     if not isinstance(model_id, str) or not model_id.strip():
         raise ModelNotFoundError("model id must be a non-empty string")
     model_id = model_id.strip()
@@ -255,14 +269,18 @@ def resolve_model(
                 f"registered model '{model_id}' points at {folder}, which is not a model folder"
             )
         return folder
-    as_path = Path(model_id).expanduser()
-    if _is_hf_folder(as_path):
-        return as_path.resolve()
-    if allow_hub and "/" in model_id and not as_path.exists():
-        return _hub_snapshot(model_id)
+    if not allow_paths:
+        if allow_hub and is_hub_id(model_id):
+            return _hub_snapshot(model_id)
+    else:
+        as_path = Path(model_id).expanduser()
+        if _is_hf_folder(as_path):
+            return as_path.resolve()
+        if allow_hub and "/" in model_id and not as_path.exists():
+            return _hub_snapshot(model_id)
     choices = sorted(set(_BUILTIN) | set(reg))
     hint = "" if allow_hub else " (Hugging Face hub ids are disabled in this installation)"
+    or_folder = ", or a local model folder" if allow_paths else ""
     raise ModelNotFoundError(
-        f"unknown model '{model_id}'; choose one of: {', '.join(choices)}, "
-        f"or a local model folder{hint}"
+        f"unknown model '{model_id}'; choose one of: {', '.join(choices)}{or_folder}{hint}"
     )

@@ -298,6 +298,8 @@ class JobConfig:
     labels: list[str] | None = None  # class order; None = sorted labels found in the data
     data_dir: str | None = None  # where the catalog caches models; None = run_dir/.. default
     allow_hub: bool = False
+    # False for ids a service tenant sent: then a model id never names a local folder
+    allow_paths: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -332,6 +334,7 @@ class JobConfig:
             if len(set(self.labels)) != len(self.labels):
                 raise ConfigError("labels", "must not repeat a class name")
         self.allow_hub = _bool("allow_hub", self.allow_hub)
+        self.allow_paths = _bool("allow_paths", self.allow_paths)
         return self
 
     @property

@@ -88,6 +88,14 @@ class PlanError(FineGatesError, ValueError):
     user_error = False
 
 
+class PruningError(FineGatesError, RuntimeError):
+    """Pruning a trained run failed. The run directory is kept: a retry resumes from its
+    final state and only prunes again."""
+
+    code = "pruning_failed"
+    user_error = False
+
+
 class TrainingError(FineGatesError, RuntimeError):
     code = "training_failed"
     user_error = False

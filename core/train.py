@@ -379,7 +379,9 @@ def train(
 
     # --- model ------------------------------------------------------------------------
     data_dir = Path(config.data_dir) if config.data_dir else default_data_dir()
-    model_path = resolve_model(config.model, data_dir, allow_hub=config.allow_hub)
+    model_path = resolve_model(
+        config.model, data_dir, allow_hub=config.allow_hub, allow_paths=config.allow_paths
+    )
     hp = hp_in.resolve(len(train_recs), task)
     _seed_everything(seed)
     base: LoadedBase = load_base(model_path, task, labels=labels, problem_type=problem_type)

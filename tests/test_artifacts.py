@@ -193,3 +193,36 @@ def test_prune_run_writes_artifact_from_gated_run(tmp_path):
     with torch.no_grad():
         ref = model(input_ids=IDS).logits
     torch.testing.assert_close(la.model(IDS), ref, atol=1e-4, rtol=0)
+
+
+def test_save_artifact_replaces_a_folder_atomically(tmp_path, monkeypatch):
+    """A save that fails half-way leaves the previous artifact whole (it used to write
+    straight into the folder); a save that succeeds replaces the folder, stale files
+    included, and leaves no temporary sibling behind."""
+    import core.artifacts as artifacts
+
+    out, pm = _bert_artifact(tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / "stale.bin").write_bytes(b"old")
+
+    def broken_manifest(path, obj):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifacts, "_write_json", broken_manifest)
+    model2 = apply_pattern(build_tiny_bert_cls(seed=1), "heads")
+    pm2, plan2 = prune_model(model2, reference_plan(model2))
+    tok = build_bert_tokenizer(tmp_path / "tok2")
+    with pytest.raises(OSError, match="disk full"):
+        save_artifact(pm2, tok, out, plan=plan2, task="classification", labels=BERT_LABELS)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
+        **before,
+        "stale.bin": b"old",
+    }
+    torch.testing.assert_close(load_artifact(out).model(IDS), pm(IDS), atol=0, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "tok", "tok2"]
+
+    monkeypatch.undo()
+    save_artifact(pm2, tok, out, plan=plan2, task="classification", labels=BERT_LABELS)
+    assert not (out / "stale.bin").exists()
+    torch.testing.assert_close(load_artifact(out).model(IDS), pm2(IDS), atol=0, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "tok", "tok2"]

@@ -66,3 +66,29 @@ def test_smollm2_from_gguf_is_cached_fp32(tmp_path):
     assert resolve_model("smollm2-135m", tmp_path) == p  # cached: not rebuilt
     assert (p / "model.safetensors").stat().st_mtime == mtime
     assert not [x for x in p.parent.iterdir() if x.name.startswith(".")]  # no temp dirs left
+
+
+def test_tenant_ids_never_resolve_to_local_paths(tiny_bert_dir, tmp_path, monkeypatch):
+    """allow_paths=False (service tenants): a folder path, "~/x" or a relative path that
+    exists on the server is never opened; only a strict owner/name id reaches the hub."""
+    import shutil
+
+    import core.catalog as catalog
+
+    fetched: list[str] = []
+    monkeypatch.setattr(catalog, "_hub_snapshot", lambda mid: fetched.append(mid) or tmp_path)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_bert_dir, tmp_path / "models" / "internal")
+    data = tmp_path / "data"
+    for bad in (str(tiny_bert_dir), "~/x", "./models/internal", "a/../models/internal"):
+        with pytest.raises(ModelNotFoundError):
+            resolve_model(bad, data, allow_hub=True, allow_paths=False)
+    assert fetched == []
+    # a hub-shaped id is fetched from the hub, not read from the same-named local folder
+    assert resolve_model("models/internal", data, allow_hub=True, allow_paths=False) == tmp_path
+    assert fetched == ["models/internal"]
+    # the CLI (allow_paths default True) still takes a local folder
+    got = resolve_model("models/internal", data, allow_hub=True)
+    assert got == (tmp_path / "models" / "internal").resolve()
+    assert catalog.is_hub_id("org/model-1.5") and not catalog.is_hub_id("~/x")
+    assert not catalog.is_hub_id("/abs/path") and not catalog.is_hub_id("a/..")

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import socket
 import sys
 import threading
@@ -35,10 +34,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import jobstate
-from api.db.models import File, Job
+from api.db.models import File, Job, utcnow
 from api.db.session import make_sessionmaker, session_scope
 from api.storage import LocalStorage
-from worker.callback import HeartbeatThread, JobCallback
+from worker.callback import HeartbeatThread, JobCallback, JobLost
 from worker.celery_app import TASK_RUN_JOB
 
 if TYPE_CHECKING:
@@ -121,30 +120,6 @@ def _artifact_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _package_gated(run_dir: Path, artifact_dir: Path, note: str) -> dict[str, Any]:
-    """The fallback when pruning is not available: ship the gated model as trained.
-
-    Not the contract's pruned artifact (``model.safetensors``): the folder holds
-    ``final/`` (gated_state.safetensors + gated_model.json) and the tokenizer, and the
-    manifest says so, so nobody mistakes it for a compressed model.
-    """
-    tmp = artifact_dir.with_name(artifact_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for sub in ("final", "tokenizer"):
-        src = run_dir / sub
-        if src.is_dir():
-            for p in src.iterdir():
-                if p.is_file():
-                    shutil.copy2(p, tmp / p.name)
-    manifest = {"format": "finegates-gated", "pruned": False, "note": note}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    (tmp / "report.json").write_text(json.dumps({"pruned": False, "note": note}), encoding="utf-8")
-    shutil.rmtree(artifact_dir, ignore_errors=True)
-    os.replace(tmp, artifact_dir)
-    return manifest
-
-
 def _report_shapes(model: Any) -> tuple[tuple[int, int], ...]:
     """The report's default (batch, seq_len) shapes, capped at the model's position limit
     (a small model cannot time a 128-token input it has no positions for)."""
@@ -162,18 +137,27 @@ def package_run(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str,
 
     Returns the compression summary stored on the job and the models row. ONNX export and
     the latency report are extras: their failure is a warning event, not a failed job.
+    Pruning is not: its failure raises ``PruningError`` (code ``pruning_failed``) and the
+    run directory stays, so a retry skips training and only prunes again.
     """
+    from core.errors import PruningError
+
     try:
         from core.prune import prune_run
-    except ImportError:
-        prune_run = None  # type: ignore[assignment]
-    if prune_run is None:
-        note = "pruning is not available in this build; the artifact is the gated model"
-        cb.add_event(note, level="warning")
-        manifest = _package_gated(run_dir, artifact_dir, note)
-        return {"pruned": False, "note": note, "artifact_bytes": _artifact_size(artifact_dir)}
 
-    manifest = prune_run(run_dir, artifact_dir) or {}
+        manifest = prune_run(run_dir, artifact_dir) or {}
+    except Exception as exc:
+        log.exception("pruning %s failed", run_dir)
+        cb.add_event(
+            "Pruning traceback",
+            level="error",
+            data={"traceback": traceback.format_exc()[-8000:]},
+        )
+        what = f"{type(exc).__name__}: {exc}"[:300]
+        raise PruningError(
+            f"pruning the trained model failed ({what}); training finished and its result "
+            "is kept, so retrying the job only prunes again"
+        ) from exc
     cb.add_event("Pruned the gated model into a smaller dense model")
     cb.beat()
     formats = ["tar", "safetensors"]
@@ -273,11 +257,14 @@ def execute_job(
         s.expunge(job)
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The time limit counts from the FIRST start: a requeued delivery must not get a
+    # fresh max_job_seconds.
+    used = (utcnow() - job.started_at).total_seconds() if job.started_at is not None else 0.0
     cb = JobCallback(
         factory,
         job_id,
         me,
-        deadline=time.monotonic() + float(settings.max_job_seconds),
+        deadline=time.monotonic() + float(settings.max_job_seconds) - max(0.0, used),
         shutdown=shutdown,
     )
     beat = HeartbeatThread(cb, heartbeat_interval(settings))
@@ -319,6 +306,7 @@ def _run_claimed(
             seed=job.seed,
             data_dir=str(settings.data_path),
             allow_hub=settings.allow_hub,
+            allow_paths=False,  # a tenant's model id never names a server folder
         )
         result = train(config, run_dir, cb, resume=True)
         cb.flush()
@@ -358,6 +346,11 @@ def _run_claimed(
         if not ok:
             return JobOutcome("lost", "the job left this worker before it could finish")
         return JobOutcome("succeeded", ft_id, {"summary": summary, "steps": result.steps})
+    except JobLost:
+        # Reaped (and maybe claimed by another worker): no flush, no event, no status
+        # change, no checkpoint; the row and the run directory are the new owner's.
+        log.warning("job %s: lost to another worker; stopping without writing", job_id)
+        return JobOutcome("lost", "the job was taken from this worker (stale heartbeat)")
     except FineGatesError as exc:
         cb.flush()
         info = exc.to_dict()
@@ -405,10 +398,12 @@ def _stopped(
         released = jobstate.release(
             s, job_id, me, "Worker shutting down; job requeued to resume from its checkpoint"
         )
-        row = s.execute(select(Job.queue).where(Job.id == job_id)).scalar_one_or_none()
+        row = s.execute(select(Job.queue, Job.status).where(Job.id == job_id)).one_or_none()
     if released:
-        (enqueue or _default_enqueue)(job_id, queue=row)
+        (enqueue or _default_enqueue)(job_id, queue=row[0] if row else None)
         return JobOutcome("requeued")
+    if row is not None and row[1] == jobstate.CANCELLED:
+        return JobOutcome("cancelled")  # cancel requested before the shutdown: not requeued
     return JobOutcome("lost", "the job left this worker during shutdown")
 
 

@@ -110,13 +110,15 @@ def _request_hash(body: JobCreate) -> str:
 
 
 def _check_model(model_id: str, task: str, settings: Settings) -> None:
-    from core.catalog import list_models
+    from core.catalog import is_hub_id, list_models
 
     entries = {m.id: m for m in list_models(settings.data_path, allow_hub=settings.allow_hub)}
     entry = entries.get(model_id)
     if entry is None:
-        if settings.allow_hub and "/" in model_id and not model_id.startswith(("/", ".")):
-            return  # a hub id: fetched (safetensors only) by the worker
+        if settings.allow_hub and is_hub_id(model_id):
+            # owner/name only (never a path): fetched (safetensors only) by the worker,
+            # which resolves tenant ids with allow_paths=False
+            return
         if model_id.startswith("ft:"):
             raise APIError(
                 400,

@@ -299,3 +299,44 @@ def test_concurrent_claims_exactly_one_wins(client, make_headers, sessions):
     assert sum(results) == 1
     j = client.get(f"/v1/fine_tuning/jobs/{jid}", headers=h).json()
     assert j["status"] == "running" and j["attempts"] == 1
+
+
+def test_hub_ids_are_owner_name_only_never_paths(tmp_path):
+    """With allow_hub, "~/x" or "models/internal" used to pass as hub ids (and the
+    worker then tried them as local folders first)."""
+    import pytest
+
+    from api.errors import APIError
+    from api.routes.jobs import _check_model
+    from api.settings import Settings
+
+    s = Settings(data_dir=tmp_path / "data", allow_hub=True)
+    _check_model("HuggingFaceTB/SmolLM2-135M", "classification", s)  # accepted
+    for bad in ("~/x", "~root/.ssh", "a/../b", "a/b/c", "/etc/x", "./models/x", "x"):
+        with pytest.raises(APIError) as ei:
+            _check_model(bad, "classification", s)
+        assert ei.value.code == "model_not_found", bad
+
+
+def test_release_of_a_cancel_requested_job_cancels_it(client, make_headers, sessions):
+    h = make_headers("jobs-rel-cancel")
+    fid = _file(client, h)
+    jid = client.post("/v1/fine_tuning/jobs", headers=h, json=job_body(fid)).json()["id"]
+    with sessions() as s:
+        assert jobstate.claim(s, jid, "w1")
+        assert jobstate.request_cancel(s, jid) == "running"
+        assert jobstate.release(s, jid, "w1", "shutting down") is False  # not requeued
+    j = client.get(f"/v1/fine_tuning/jobs/{jid}", headers=h).json()
+    assert j["status"] == "cancelled" and j["finished_at"] is not None
+
+
+def test_claim_of_a_cancel_requested_queued_job_cancels_it(client, make_headers, sessions):
+    h = make_headers("jobs-claim-cancel")
+    fid = _file(client, h)
+    jid = client.post("/v1/fine_tuning/jobs", headers=h, json=job_body(fid)).json()["id"]
+    with sessions() as s:  # e.g. handed back by an older worker with the flag already up
+        s.execute(Job.__table__.update().where(Job.id == jid).values(cancel_requested=True))
+        s.commit()
+        assert jobstate.claim(s, jid, "w1") is False
+    j = client.get(f"/v1/fine_tuning/jobs/{jid}", headers=h).json()
+    assert j["status"] == "cancelled"

@@ -1,0 +1,175 @@
+"""Review fixes in the worker: a lost job writes nothing, the checkpoint row is guarded,
+cancel wins over a requeue, the time limit counts from the first start, a pruning failure
+has its own code, and a tenant's model id never names a server folder."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from test_worker_units import job_row, make_job, sessions, settings, step  # noqa: F401
+
+from api import jobstate
+from api.db import session_scope
+from api.db.models import Checkpoint, Job, JobEvent, utcnow
+from core.callbacks import CheckpointRecord
+
+TINY = "tiny-review"
+
+
+def _n_events(sessions: Any, job_id: str) -> int:  # noqa: F811
+    with session_scope(sessions) as s:
+        return s.execute(
+            select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id)
+        ).scalar_one()
+
+
+def _steal(sessions: Any, job_id: str, new_owner: str = "other-worker") -> None:  # noqa: F811
+    """What the reaper + another worker's claim do to the row, in one write."""
+    with session_scope(sessions) as s:
+        s.execute(Job.__table__.update().where(Job.id == job_id).values(worker_id=new_owner))
+        s.commit()
+
+
+def test_callback_raises_job_lost_and_records_no_checkpoint(sessions, settings) -> None:  # noqa: F811
+    from worker.callback import JobCallback, JobLost
+
+    job_id = make_job(sessions, settings)
+    with session_scope(sessions) as s:
+        assert jobstate.claim(s, job_id, "w1")
+    cb = JobCallback(sessions, job_id, "w1", flush_interval_s=0.0)
+    assert cb.on_step(step(1)) is None
+    _steal(sessions, job_id)
+    with pytest.raises(JobLost):
+        cb.on_step(step(2))
+    assert cb.stop_reason == "lost"
+    with pytest.raises(JobLost):
+        cb.on_checkpoint(CheckpointRecord(step=2, path="/runs/x/checkpoints/step-2"))
+    with session_scope(sessions) as s:
+        assert s.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)).first() is None
+
+
+def test_add_checkpoint_only_for_the_owning_worker(sessions, settings) -> None:  # noqa: F811
+    job_id = make_job(sessions, settings)
+    with session_scope(sessions) as s:
+        assert jobstate.claim(s, job_id, "w1")
+        assert jobstate.add_checkpoint(s, job_id, 3, "/x/step-3", worker_id="w2") is None
+        assert jobstate.add_checkpoint(s, job_id, 4, "/x/step-4", worker_id="w1")
+        steps = s.execute(select(Checkpoint.step).where(Checkpoint.job_id == job_id)).scalars()
+        assert list(steps) == [4]
+
+
+def test_lost_job_stops_without_a_stop_checkpoint_or_any_write(
+    sessions,  # noqa: F811
+    settings,  # noqa: F811
+    tiny_bert_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stolen at step 2; the worker learns it at the step-4 evaluation. Before the fix it
+    then saved a "stop" checkpoint into the run directory the new owner uses."""
+    from core.catalog import register_model
+    from worker.callback import JobCallback
+    from worker.tasks import execute_job
+
+    register_model(TINY, tiny_bert_dir, settings.data_path)
+    job_id = make_job(
+        sessions,
+        settings,
+        model=TINY,
+        hp={"max_steps": 40, "batch_size": 4, "eval_interval": 4, "checkpoint_interval": 40},
+    )
+    seen: dict[str, int] = {}
+    real_on_step = JobCallback.on_step
+
+    def on_step(self: JobCallback, record: Any) -> Any:
+        out = real_on_step(self, record)
+        if record.step == 2:
+            _steal(sessions, job_id)
+            seen["events"] = _n_events(sessions, job_id)
+        return out
+
+    monkeypatch.setattr(JobCallback, "on_step", on_step)
+    out = execute_job(job_id, settings=settings, session_factory=sessions, worker_id="w")
+    assert out.status == "lost", out
+    row = job_row(sessions, job_id)
+    assert (row.status, row.worker_id) == ("running", "other-worker")  # untouched
+    assert _n_events(sessions, job_id) == seen["events"]  # no event written after the loss
+    ckpts = sorted(p.name for p in (Path(row.run_dir) / "checkpoints").glob("step-*"))
+    assert ckpts == [], ckpts
+    assert not (settings.data_path / "artifacts" / job_id).exists()
+
+
+def test_time_limit_counts_from_the_first_start(sessions, settings, tiny_bert_dir) -> None:  # noqa: F811
+    """A requeued job that started two hours ago has no time left under a one-hour limit."""
+    from core.catalog import register_model
+    from worker.tasks import execute_job
+
+    register_model(TINY, tiny_bert_dir, settings.data_path)
+    job_id = make_job(sessions, settings, model=TINY, hp={"max_steps": 8, "batch_size": 4})
+    with session_scope(sessions) as s:
+        s.execute(
+            Job.__table__.update()
+            .where(Job.id == job_id)
+            .values(started_at=utcnow() - timedelta(hours=2), attempts=1)
+        )
+        s.commit()
+    limited = settings.model_copy(update={"max_job_seconds": 3600})
+    out = execute_job(job_id, settings=limited, session_factory=sessions, worker_id="w")
+    assert (out.status, out.detail) == ("failed", "job_timeout")
+    assert job_row(sessions, job_id).error_code == "job_timeout"
+
+
+def test_pruning_failure_has_its_own_code_and_keeps_the_run(
+    sessions,  # noqa: F811
+    settings,  # noqa: F811
+    tiny_bert_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import core.prune
+    from core.catalog import register_model
+    from worker.tasks import execute_job
+
+    def broken(*a: Any, **k: Any) -> None:
+        raise RuntimeError("plan does not fit")
+
+    monkeypatch.setattr(core.prune, "prune_run", broken)
+    register_model(TINY, tiny_bert_dir, settings.data_path)
+    job_id = make_job(sessions, settings, model=TINY, hp={"max_steps": 4, "batch_size": 4})
+    out = execute_job(job_id, settings=settings, session_factory=sessions, worker_id="w")
+    assert (out.status, out.detail) == ("failed", "pruning_failed")
+    row = job_row(sessions, job_id)
+    assert row.error_code == "pruning_failed" and "plan does not fit" in row.error_message
+    assert (Path(row.run_dir) / "final" / "gated_model.json").is_file()  # kept for a retry
+    assert not (settings.data_path / "artifacts" / job_id).exists()  # no fake artifact
+
+
+def test_a_tenant_model_id_is_never_a_server_path(sessions, settings, tiny_bert_dir) -> None:  # noqa: F811
+    from worker.tasks import execute_job
+
+    job_id = make_job(sessions, settings, model=str(tiny_bert_dir))
+    out = execute_job(job_id, settings=settings, session_factory=sessions, worker_id="w")
+    assert out.status == "failed"
+    row = job_row(sessions, job_id)
+    assert row.error_code == "model_not_found" and row.step in (None, 0)
+
+
+def test_shutdown_of_a_cancel_requested_job_cancels_instead_of_requeueing(
+    sessions,  # noqa: F811
+    settings,  # noqa: F811
+) -> None:
+    from worker.callback import JobCallback
+    from worker.tasks import _stopped
+
+    job_id = make_job(sessions, settings)
+    with session_scope(sessions) as s:
+        assert jobstate.claim(s, job_id, "w")
+        assert jobstate.request_cancel(s, job_id) == "running"
+    cb = JobCallback(sessions, job_id, "w")
+    cb.stop_reason = "shutdown"  # the shutdown won the race against the cancel flag
+    calls: list[str] = []
+    out = _stopped(job_id, cb, sessions, "w", lambda j, queue=None: calls.append(j))
+    assert out.status == "cancelled" and calls == []
+    assert job_row(sessions, job_id).status == "cancelled"
