@@ -28,6 +28,10 @@ R = TypeVar("R")
 _STOP = object()
 
 
+class BatcherClosed(RuntimeError):
+    """The batcher was closed (its model was evicted): get the model again and retry."""
+
+
 @dataclass
 class _Pending(Generic[T, R]):
     item: T
@@ -58,14 +62,18 @@ class MicroBatcher(Generic[T, R]):
         self._queue: queue.Queue[Any] = queue.Queue()
         self.batch_sizes: deque[int] = deque(maxlen=100_000)  # observed sizes, newest last
         self._closed = False
+        # submit's closed-check + put and close's flag + _STOP are atomic under this lock,
+        # so every item is queued before _STOP (and served) or refused: none is stranded.
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"finegates-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, item: T) -> Future[R]:
-        if self._closed:
-            raise RuntimeError("batcher is closed")
         future: Future[R] = Future()
-        self._queue.put(_Pending(item, future))
+        with self._lock:
+            if self._closed:
+                raise BatcherClosed("batcher is closed")
+            self._queue.put(_Pending(item, future))
         return future
 
     async def run(self, items: Sequence[T]) -> list[R]:
@@ -74,9 +82,10 @@ class MicroBatcher(Generic[T, R]):
         return list(await asyncio.gather(*futures))
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._queue.put(_STOP)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
 
     def _collect(self, first: _Pending[T, R]) -> tuple[list[_Pending[T, R]], bool]:
         batch = [first]
@@ -99,6 +108,12 @@ class MicroBatcher(Generic[T, R]):
         return batch, stop
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._drain()
+
+    def _serve(self) -> None:
         while True:
             first = self._queue.get()
             if first is _STOP:
@@ -121,14 +136,21 @@ class MicroBatcher(Generic[T, R]):
                         p.future.set_result(r)
             if stop:
                 break
-        # fail whatever is still queued so no caller waits forever
-        while True:
-            try:
-                left = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if left is not _STOP and left.future.set_running_or_notify_cancel():
-                left.future.set_exception(RuntimeError("model was unloaded; retry the request"))
+
+    def _drain(self) -> None:
+        """Fail whatever is still queued so no caller waits forever (closed first, under
+        the lock, so nothing can be queued after the drain)."""
+        with self._lock:
+            self._closed = True
+            while True:
+                try:
+                    left = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if left is not _STOP and left.future.set_running_or_notify_cancel():
+                    left.future.set_exception(
+                        BatcherClosed("model was unloaded; retry the request")
+                    )
 
 
 class DirectRunner(Generic[T, R]):
@@ -142,6 +164,7 @@ class DirectRunner(Generic[T, R]):
         self._fn = fn
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="finegates-cls")
         self.batch_sizes: deque[int] = deque(maxlen=100_000)
+        self._closed = False
 
     def _call(self, items: list[T]) -> list[R]:
         self.batch_sizes.append(len(items))
@@ -149,8 +172,14 @@ class DirectRunner(Generic[T, R]):
 
     async def run(self, items: Sequence[T]) -> list[R]:
         loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self._pool, self._call, [item]) for item in items]
+        try:
+            futures = [loop.run_in_executor(self._pool, self._call, [item]) for item in items]
+        except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
+            if self._closed:
+                raise BatcherClosed("runner is closed") from exc
+            raise
         return [r[0] for r in await asyncio.gather(*futures)]
 
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)

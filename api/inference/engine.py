@@ -26,7 +26,7 @@ from .backends import (
     UnsupportedTaskError,
     load_backend,
 )
-from .batcher import DirectRunner, MicroBatcher
+from .batcher import BatcherClosed, DirectRunner, MicroBatcher
 from .cache import ModelCache
 from .config import InferenceConfig
 from .generation import GenerationChunk, SamplingParams, generate_stream
@@ -192,7 +192,14 @@ class InferenceEngine:
                 400, str(exc), param=exc.param, code="context_length_exceeded"
             ) from exc
         assert model.runner is not None
-        results = await model.runner.run(encoded)
+        try:
+            results = await model.runner.run(encoded)
+        except BatcherClosed:
+            # The cache evicted this model between the request's load and its run: load
+            # it again (same spec, same tokenizer) and retry once instead of a 500.
+            fresh = await loop.run_in_executor(self._load_pool, self.get_loaded, model.spec)
+            assert fresh.runner is not None
+            results = await fresh.runner.run(encoded)
         return results, sum(len(e.input_ids) for e in encoded)
 
     # ------------------------------------------------------------ generation
