@@ -129,6 +129,10 @@ def _iter_csv(path: Path, max_line_bytes: int, max_rows: int):
                 f"line is over the {max_line_bytes}-byte limit", file=str(path), line=line_no
             )
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
+    # csv's default field limit (128 KiB) is below the documented line limit; a long
+    # but legal field must not read as "malformed CSV". (Process-wide; only ever raised.)
+    if csv.field_size_limit() < max_line_bytes:
+        csv.field_size_limit(max_line_bytes)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, strict=True)
     try:
         header = next(reader)
@@ -142,13 +146,15 @@ def _iter_csv(path: Path, max_line_bytes: int, max_rows: int):
                         file=str(path), line=1)  # fmt: skip
     n = 0
     while True:
+        # errors name the line a record STARTS on (line_num is its last line when a
+        # quoted field spans several lines)
+        line_no = reader.line_num + 1
         try:
             row = next(reader)
         except StopIteration:
             break
         except csv.Error as exc:
-            raise DataError(f"malformed CSV: {exc}", file=str(path), line=reader.line_num) from None
-        line_no = reader.line_num
+            raise DataError(f"malformed CSV: {exc}", file=str(path), line=line_no) from None
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != len(header):
