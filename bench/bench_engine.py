@@ -382,8 +382,12 @@ def table(results: dict[str, dict], steps: int, lm_steps: int, requested: list[s
     s = results.get("smollm2")
     if "smollm2" not in requested:
         return "\n".join(lines)
-    lines += ["", f"SmolLM2-135M task-free sparsify @0.3 on BBC News, {lm_steps} steps, "
-              f"batch {LM_BATCH} x {LM_MAX_LEN} tokens", ""]
+    lines += [
+        "",
+        f"SmolLM2-135M task-free sparsify @0.3 on BBC News, {lm_steps} steps, "
+        f"batch {LM_BATCH} x {LM_MAX_LEN} tokens",
+        "",
+    ]
     if s:
         lines += [
             "| ppl dense | ppl gated | ratio | measured sparsity | s/step | peak RSS (MB) |",
