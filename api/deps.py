@@ -7,7 +7,7 @@ scoped to the caller's tenant and answer 404 otherwise, so no handler can forget
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
@@ -49,7 +49,15 @@ StorageDep = Annotated[LocalStorage, Depends(get_storage)]
 SessionDep = Annotated[Session, Depends(get_db)]
 
 
-async def get_principal(request: Request, session: SessionDep) -> Principal:
+def _authenticate_short(sessionmaker: Any, token: str) -> Principal | None:
+    # Its own short session: the request's session would keep the pooled connection
+    # checked out until the response ends, so N slow requests (a classify call waiting in
+    # the micro-batcher, an SSE stream) would pin N connections and starve the pool.
+    with sessionmaker() as session:
+        return authenticate(session, token)
+
+
+async def get_principal(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -64,7 +72,9 @@ async def get_principal(request: Request, session: SessionDep) -> Principal:
     digest = hash_key(token)
     principal = cache.get(digest)
     if principal is None:
-        principal = await run_in_threadpool(authenticate, session, token)
+        principal = await run_in_threadpool(
+            _authenticate_short, request.app.state.sessionmaker, token
+        )
         if principal is None:
             raise APIError(
                 401,
