@@ -292,7 +292,9 @@ def _pad(alive: Tensor, count: int, pair: bool) -> list[int]:
     return sorted(idx + dead[: count - len(idx)])
 
 
-def _layer_plan(model: nn.Module, S: ModelStructure, ls: LayerStructure) -> LayerPlan:
+def _layer_plan(
+    model: nn.Module, S: ModelStructure, ls: LayerStructure, equal_head_dims: bool = True
+) -> LayerPlan:
     H, G, d, gs = S.num_heads, S.num_kv_heads, S.head_dim, S.group_size
     q_rows = _masks(model, ls.q)[0].view(G, gs, d)
     k_rows = _masks(model, ls.k)[0].view(G, d)
@@ -312,6 +314,14 @@ def _layer_plan(model: nn.Module, S: ModelStructure, ls: LayerStructure) -> Laye
     kept = vo_alive.any(1).nonzero().flatten().tolist()
     n_vo = max((int(vo_alive[g].sum()) for g in kept), default=0)
     n_qk = max((int(qk_alive[g].sum()) for g in kept), default=0)
+    if equal_head_dims and n_qk and n_vo and n_qk != n_vo:
+        # One width for q/k and v/o: CPU SDPA's fused kernel needs equal head dims, so the
+        # pruned model keeps dead dims up to it (core/prune.py). Counting that here keeps
+        # the measured fraction equal to what pruning physically removes.
+        n_eq = max(n_qk, n_vo)
+        if S.rope and n_eq % 2:
+            n_eq += 1  # q/k grow by whole RoPE pairs
+        n_qk = n_vo = min(n_eq, d)
 
     ffn = _masks(model, ls.ffn_out)[1].clone()
     for n in ls.ffn_in:
@@ -349,11 +359,13 @@ def _shape_after(S: ModelStructure, lp: LayerPlan, kind: str, shape: tuple[int, 
     raise AssertionError(kind)
 
 
-def build_plan(model: nn.Module, structure: ModelStructure | None = None) -> PrunePlan:
+def build_plan(
+    model: nn.Module, structure: ModelStructure | None = None, equal_head_dims: bool = True
+) -> PrunePlan:
     """The pruning plan from the eval gates (see the module docstring for the rules)."""
     S = structure or describe(model)
     gated = gated_modules(model)
-    layers = [_layer_plan(model, S, ls) for ls in S.layers]
+    layers = [_layer_plan(model, S, ls, equal_head_dims) for ls in S.layers]
     before = after = paper = 0
     for lp, ls in zip(layers, S.layers, strict=True):
         for name, kind in ls.roles().items():
@@ -524,6 +536,7 @@ def expected_kept_params(
     probs: str = "open",
     min_sigma: float | None = None,
     grad_scale: dict[str, tuple[Tensor, Tensor]] | None = None,
+    equal_head_dims: bool = True,
 ) -> tuple[Tensor, int]:
     """(expected gated params kept after pruning [differentiable], gated params before).
 
@@ -580,6 +593,15 @@ def expected_kept_params(
         n_kv = group.sum()
         n_vo = _st_max(group * vo.sum(-1))
         n_qk = _st_max(group * qk_count)
+        if equal_head_dims and float(n_vo.detach()) > 0.5 and float(n_qk.detach()) > 0.5:
+            # the equal-width rule of build_plan (one SDPA head dim for q/k and v/o)
+            n_w = _st_max(torch.stack([n_vo, n_qk]))
+            if S.rope:  # q/k grow by whole pairs: round the width up to even
+                v = float(n_w.detach())
+                target = round(v)
+                target = min(target + target % 2, d)
+                n_w = n_w + (target - v)
+            n_vo = n_qk = n_w
         ffn = cols(ls.ffn_out, S.intermediate_size)
         for n in ls.ffn_in:
             ffn = ffn * rows(n, S.intermediate_size)
@@ -614,7 +636,10 @@ def expected_removed_fraction(
     probs: str = "open",
     min_sigma: float | None = None,
     grad_scale: dict[str, tuple[Tensor, Tensor]] | None = None,
+    equal_head_dims: bool = True,
 ) -> Tensor:
     """Differentiable counterpart of measured_sparsity (see expected_kept_params)."""
-    kept, before = expected_kept_params(model, structure, probs, min_sigma, grad_scale)
+    kept, before = expected_kept_params(
+        model, structure, probs, min_sigma, grad_scale, equal_head_dims
+    )
     return 1 - kept / before

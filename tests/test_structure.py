@@ -210,15 +210,15 @@ def test_llama_gqa_vo_rule():
     ls = S.layers[0]
     close(model, ls.o, cols=[0 * 8 + 2, 1 * 8 + 2])  # dim 2 closed for heads 0, 1 only
     close(model, ls.v, rows=[8 + 5])  # group 1, dim 5
-    lp = build_plan(model).layers[0]
+    lp = build_plan(model, equal_head_dims=False).layers[0]
     assert lp.vo_dims[0] == list(range(8))  # head 2 still reads dim 2 of group 0
     assert lp.vo_dims[1] == list(range(8))  # padded to the group-0 count
-    assert build_plan(model).gated_params_after == LLAMA_TOTAL
+    assert build_plan(model, equal_head_dims=False).gated_params_after == LLAMA_TOTAL
     close(model, ls.o, cols=[2 * 8 + 2])  # now all three heads of group 0 dropped dim 2
-    lp = build_plan(model).layers[0]
+    lp = build_plan(model, equal_head_dims=False).layers[0]
     assert lp.vo_dims == [[0, 1, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 6, 7]]
     removed = 2 * 1 * 48 + 48 * 6 * 1  # v rows (2 groups x 1 dim) + o cols (6 heads x 1 dim)
-    assert build_plan(model).gated_params_before - build_plan(model).gated_params_after == removed
+    assert build_plan(model, equal_head_dims=False).gated_params_before - build_plan(model, equal_head_dims=False).gated_params_after == removed
 
 
 def test_llama_group_removed_whole():
@@ -236,28 +236,28 @@ def test_llama_gqa_qk_rule():
     ls = S.layers[0]
     close(model, ls.q, rows=[0 * 8 + 3, 1 * 8 + 3])  # q dim 3 of heads 0,1 (not head 2)
     close(model, ls.q, rows=[3 * 8 + 3, 4 * 8 + 3, 5 * 8 + 3, 3 * 8 + 7, 4 * 8 + 7, 5 * 8 + 7])
-    lp = build_plan(model).layers[0]
+    lp = build_plan(model, equal_head_dims=False).layers[0]
     # group 1 lost pair (3, 7) in every query head; group 0 did not (head 2 lives)
     assert lp.qk_dims == [list(range(8)), list(range(8))]  # uniform: group 1 padded back
     close(model, ls.k, rows=[7])  # group 0: k dim 7 alone does not kill pair (3, 7) ...
     close(model, ls.q, rows=[2 * 8 + 3])  # ... nor q dim 3 closed in all heads (cross case)
-    assert build_plan(model).layers[0].qk_dims == [list(range(8)), list(range(8))]
+    assert build_plan(model, equal_head_dims=False).layers[0].qk_dims == [list(range(8)), list(range(8))]
     close(model, ls.q, rows=[0 * 8 + 7, 1 * 8 + 7, 2 * 8 + 7])  # q pair dead in all heads
-    lp = build_plan(model).layers[0]
+    lp = build_plan(model, equal_head_dims=False).layers[0]
     assert lp.qk_dims == [[0, 1, 2, 4, 5, 6], [0, 1, 2, 4, 5, 6]]
     removed = 6 * 2 * 48 + 2 * 2 * 48
-    assert build_plan(model).gated_params_before - build_plan(model).gated_params_after == removed
+    assert build_plan(model, equal_head_dims=False).gated_params_before - build_plan(model, equal_head_dims=False).gated_params_after == removed
 
 
 def test_rope_pair_kept_if_either_half_lives():
     model, S = _gated("llama")
     ls = S.layers[0]
     close(model, ls.k, rows=[1, 8 + 1])  # k dim 1 in both groups; dim 5 (its pair) lives
-    assert build_plan(model).layers[0].qk_dims == [list(range(8))] * 2
+    assert build_plan(model, equal_head_dims=False).layers[0].qk_dims == [list(range(8))] * 2
     close(model, ls.k, rows=[5, 8 + 5])  # now the whole pair (1, 5) is closed in k
-    lp = build_plan(model).layers[0]
+    lp = build_plan(model, equal_head_dims=False).layers[0]
     assert lp.qk_dims == [[0, 2, 3, 4, 6, 7]] * 2
-    build_plan(model).validate(S)
+    build_plan(model, equal_head_dims=False).validate(S)
 
 
 def _attn_logits(model, ids):
