@@ -266,7 +266,7 @@ def run_baseline(method: str, out: Path, steps: int, data: dict[str, Path], devi
         "method": method,
         "test_accuracy": acc,
         "measured_sparsity": 0.0,
-        "trainable_params": sum(p.numel() for g in params for p in g["params"]),
+        "trainable_params": sum(p.numel() for p in params),
         "s_per_step": statistics.median(durations[1:] or durations),
         "steps": steps,
         "peak_rss_mb": train_rss,
