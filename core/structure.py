@@ -597,10 +597,10 @@ def expected_kept_params(
             # the equal-width rule of build_plan (one SDPA head dim for q/k and v/o)
             n_w = _st_max(torch.stack([n_vo, n_qk]))
             if S.rope:  # q/k grow by whole pairs: round the width up to even
-                v = float(n_w.detach())
-                target = round(v)
+                width = float(n_w.detach())
+                target = round(width)
                 target = min(target + target % 2, d)
-                n_w = n_w + (target - v)
+                n_w = n_w + (target - width)
             n_vo = n_qk = n_w
         ffn = cols(ls.ffn_out, S.intermediate_size)
         for n in ls.ffn_in:

@@ -218,7 +218,11 @@ def test_llama_gqa_vo_rule():
     lp = build_plan(model, equal_head_dims=False).layers[0]
     assert lp.vo_dims == [[0, 1, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 6, 7]]
     removed = 2 * 1 * 48 + 48 * 6 * 1  # v rows (2 groups x 1 dim) + o cols (6 heads x 1 dim)
-    assert build_plan(model, equal_head_dims=False).gated_params_before - build_plan(model, equal_head_dims=False).gated_params_after == removed
+    assert (
+        build_plan(model, equal_head_dims=False).gated_params_before
+        - build_plan(model, equal_head_dims=False).gated_params_after
+        == removed
+    )
 
 
 def test_llama_group_removed_whole():
@@ -241,12 +245,19 @@ def test_llama_gqa_qk_rule():
     assert lp.qk_dims == [list(range(8)), list(range(8))]  # uniform: group 1 padded back
     close(model, ls.k, rows=[7])  # group 0: k dim 7 alone does not kill pair (3, 7) ...
     close(model, ls.q, rows=[2 * 8 + 3])  # ... nor q dim 3 closed in all heads (cross case)
-    assert build_plan(model, equal_head_dims=False).layers[0].qk_dims == [list(range(8)), list(range(8))]
+    assert build_plan(model, equal_head_dims=False).layers[0].qk_dims == [
+        list(range(8)),
+        list(range(8)),
+    ]
     close(model, ls.q, rows=[0 * 8 + 7, 1 * 8 + 7, 2 * 8 + 7])  # q pair dead in all heads
     lp = build_plan(model, equal_head_dims=False).layers[0]
     assert lp.qk_dims == [[0, 1, 2, 4, 5, 6], [0, 1, 2, 4, 5, 6]]
     removed = 6 * 2 * 48 + 2 * 2 * 48
-    assert build_plan(model, equal_head_dims=False).gated_params_before - build_plan(model, equal_head_dims=False).gated_params_after == removed
+    assert (
+        build_plan(model, equal_head_dims=False).gated_params_before
+        - build_plan(model, equal_head_dims=False).gated_params_after
+        == removed
+    )
 
 
 def test_rope_pair_kept_if_either_half_lives():
