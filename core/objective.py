@@ -127,6 +127,8 @@ class SparsityObjective:
         controller_limit: float = 0.15,
         controller_window: float = 0.1,
         structure: ModelStructure | None = None,
+        focus: bool = True,
+        focus_margin: float = 0.05,
     ):
         if objective not in OBJECTIVES:
             raise ConfigError("objective", f"must be one of {list(OBJECTIVES)}, got {objective!r}")
@@ -147,6 +149,8 @@ class SparsityObjective:
         self.controller_limit = float(controller_limit)
         self.controller_window = float(controller_window)
         self.structure = structure
+        self.focus = bool(focus)
+        self.focus_margin = float(focus_margin)
         # controller state (JSON-able)
         self.offset = 0.0
         self.last_measured: float | None = None
@@ -197,14 +201,12 @@ class SparsityObjective:
         else:
             if self.structure is None:
                 self.structure = describe(model)
-            if self.kurtosis:
-                expected = _kurtosis_weighted_expectation(
-                    model, self.structure, self.sigma_p, self.kurtosis_tau
-                )
-            else:
-                expected = expected_removed_fraction(
-                    model, self.structure, probs="st", min_sigma=self.sigma_p
-                )
+            scale = _kurtosis_scale(model, self.kurtosis_tau) if self.kurtosis else {}
+            if self.focus:
+                scale = _focus_scale(model, target + self.focus_margin, scale)
+            expected = expected_removed_fraction(
+                model, self.structure, probs="st", min_sigma=self.sigma_p, grad_scale=scale
+            )
             term = _huber(expected - target, self.huber_delta)
             parts["expected_sparsity"] = float(expected.detach())
         parts["sparsity_term"] = float(term.detach())
@@ -251,19 +253,51 @@ class SparsityObjective:
         self.last_update_step = None if lu is None else int(lu)
 
 
-def _kurtosis_weighted_expectation(
-    model: nn.Module, structure: ModelStructure, sigma_p: float, tau: float
-) -> Tensor:
-    """Calibrated expectation whose gradient is scaled per line by kurtosis weights.
+def _kurtosis_scale(model: nn.Module, tau: float) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-line gradient scales from kurtosis weights (normalised to mean 1).
 
-    The value is unchanged (still the measured count); lines whose A = W * mean input has
-    heavy tails get a smaller share of the sparsity gradient, so they are protected.
+    Lines whose A = W * mean input has heavy tails get a smaller share of the sparsity
+    gradient, so they are protected. The value of the term is unchanged.
     """
     scale: dict[str, tuple[Tensor, Tensor]] = {}
     for name, gm in gated_modules(model).items():
         kw = kurtosis_weights(gm, tau)
-        if kw is not None:  # weights normalised to mean 1
+        if kw is not None:
             scale[name] = (kw[0] * kw[0].numel(), kw[1] * kw[1].numel())
-    return expected_removed_fraction(
-        model, structure, probs="st", min_sigma=sigma_p, grad_scale=scale
-    )
+    return scale
+
+
+@torch.no_grad()
+def _lowest_mask(logits: Tensor, share: float) -> Tensor:
+    """1.0 on the ceil(share * n) lowest logits of a gate vector, 0.0 elsewhere."""
+    n = logits.numel()
+    k = min(n, max(1, math.ceil(share * n)))
+    if k >= n:
+        return torch.ones_like(logits, dtype=torch.float32)
+    thr = logits.detach().float().kthvalue(k).values
+    return (logits.detach().float() <= thr).to(torch.float32)
+
+
+def _focus_scale(
+    model: nn.Module, share: float, base: dict[str, tuple[Tensor, Tensor]]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Send the sparsity gradient only to each gate vector's lowest `share` of gates.
+
+    Why: Adam normalises every gate's step, so a penalty whose gradient reaches all gates
+    moves them all down in lockstep: the whole model drifts into the noisy, fractional
+    region of the hard-sigmoid and the task pays (measured on MiniLM: ~0.69 validation
+    accuracy while no gate was closed yet). Focusing the push on the candidates (the
+    lowest logits: those the task already resists least) leaves every other gate
+    saturated at exactly 1. The ranking is redone every step, so a candidate the task
+    pushes back up is replaced by the next lowest gate.
+    """
+    share = min(1.0, max(0.0, share))
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, gm in gated_modules(model).items():
+        m_r = _lowest_mask(gm.row_logits, share)
+        m_c = _lowest_mask(gm.col_logits, share)
+        if name in base:
+            b_r, b_c = base[name]
+            m_r, m_c = m_r * b_r, m_c * b_c
+        out[name] = (m_r, m_c)
+    return out

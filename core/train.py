@@ -106,6 +106,7 @@ def _make_objective(hp: Hyperparameters, total_steps: int) -> Any:
         sparsity_start_step=int(hp.sparsity_start_step),
         target_warmup_steps=int(round(float(hp.sparsity_warmup_ratio) * total_steps)),
         kurtosis=bool(hp.kurtosis),
+        focus=bool(hp.sparsity_focus),
     )
 
 

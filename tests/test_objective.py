@@ -135,7 +135,9 @@ def test_objective_schedule_and_validation():
 
 def test_objective_loss_before_start_is_zero_and_after_is_weighted(tiny_bert_cls):
     inject_gates(tiny_bert_cls)
-    obj = SparsityObjective(target_sparsity=0.3, sparsity_weight=7.0, sparsity_start_step=5)
+    obj = SparsityObjective(
+        target_sparsity=0.3, sparsity_weight=7.0, sparsity_start_step=5, focus=False
+    )
     loss, parts = obj.loss(tiny_bert_cls, 4)
     assert loss.item() == 0.0 and parts["sparsity_lambda"] == 0.0
     loss, parts = obj.loss(tiny_bert_cls, 5)
@@ -145,7 +147,7 @@ def test_objective_loss_before_start_is_zero_and_after_is_weighted(tiny_bert_cls
     assert loss.item() == pytest.approx(7.0 * 0.29, rel=1e-6)
     loss.backward()
     g = tiny_bert_cls.bert.encoder.layer[0].intermediate.dense.row_logits.grad
-    assert g is not None and torch.all(g > 0)  # descent closes gates
+    assert g is not None and torch.all(g > 0)  # unfocused: every gate is pushed down
     paper = SparsityObjective("paper", target_sparsity=0.3, sparsity_weight=2.0)
     loss, parts = paper.loss(tiny_bert_cls, 0)
     assert loss.item() == pytest.approx(2.0 * paper_objective(tiny_bert_cls, 0.3).item())
@@ -225,3 +227,23 @@ def test_toy_training_reaches_target_llama_gqa():
 
     hist = _toy_run(build_tiny_llama(), task, target=0.3, steps=200)
     assert abs(hist[-1] - 0.3) <= 0.03, hist
+
+
+def test_focused_push_reaches_only_each_vectors_lowest_gates(tiny_bert_cls):
+    """Focus: the sparsity gradient reaches the lowest ceil((target + 0.05) n) logits of
+    every gate vector and nothing else, while the term's VALUE is unchanged."""
+    inject_gates(tiny_bert_cls)
+    dense = tiny_bert_cls.bert.encoder.layer[0].intermediate.dense
+    unfocused = SparsityObjective(target_sparsity=0.3, focus=False)
+    focused = SparsityObjective(target_sparsity=0.3)  # focus is the default
+    l0, p0 = unfocused.loss(tiny_bert_cls, 0)
+    l1, p1 = focused.loss(tiny_bert_cls, 0)
+    assert l1.item() == pytest.approx(l0.item()) and p1["expected_sparsity"] == p0["expected_sparsity"]
+    l1.backward()
+    g = dense.row_logits.grad
+    n = g.numel()
+    k = math.ceil(0.35 * n)
+    pushed = g != 0
+    assert int(pushed.sum()) == k
+    lowest = torch.argsort(dense.row_logits.detach())[:k]
+    assert bool(pushed[lowest].all()) and bool((g[lowest] > 0).all())
