@@ -47,7 +47,17 @@ HEAD_LR = 3e-3  # FineGates' "auto" head_learning_rate; baselines train the same
 LORA_LR = 1e-3
 LM_BATCH = 8  # overridable: --lm-batch / --lm-max-len (CPU runs use smaller windows)
 LM_MAX_LEN = 256
-METHODS = ["finegates_0.2", "finegates_0.4", "finegates_paper_0.4", "lora_r8", "head_only"]
+METHODS = [
+    "finegates_0.2",
+    "finegates_0.4",
+    "finegates_paper_0.4",
+    "finegates_lora_0.2",
+    "finegates_lora_0.4",
+    "lora_r8",
+    "head_only",
+]
+EXTRA_HP: dict[str, object] = {}  # --hp NAME=VALUE: applied to every FineGates run
+EXTRA_LM_HP: dict[str, object] = {}  # --lm-hp NAME=VALUE: applied to the SmolLM2 run
 
 
 def _pkg_dir(name: str) -> Path:
@@ -172,9 +182,13 @@ def run_finegates(method: str, out: Path, steps: int, data: dict[str, Path], dev
 
     target = float(method.rsplit("_", 1)[1])
     objective = "paper" if "paper" in method else "calibrated"
+    extra: dict[str, object] = dict(EXTRA_HP)
+    if "lora" in method:  # gates+lora: LoRA r=8 inside every gated layer, at LoRA's lr
+        extra.update(trainable="gates+lora", lora_rank=8, lora_learning_rate=2 * LORA_LR)
     hp = Hyperparameters(max_steps=steps, batch_size=BATCH, max_length=MAX_LEN,
                          target_sparsity=target, objective=objective,
-                         eval_interval=max(1, min(50, steps // 10 or 1)), n_checkpoints=1)  # fmt: skip
+                         eval_interval=max(1, min(50, steps // 10 or 1)), n_checkpoints=1,
+                         **extra)  # type: ignore[arg-type]  # fmt: skip
     job = JobConfig(model="minilm-l6", task="classification", training_file=str(data["train"]),
                     validation_file=str(data["val"]), hyperparameters=hp,
                     data_dir=str(_data_dir(out)))  # fmt: skip
@@ -298,7 +312,7 @@ def run_smollm2(out: Path, steps: int, data: dict[str, Path], device: str) -> di
     del base
     hp = Hyperparameters(max_steps=steps, batch_size=LM_BATCH, max_length=max_len, target_sparsity=0.3,
                          eval_interval=max(1, min(50, steps // 10 or 1)), n_checkpoints=1,
-                         eval_max_batches=8)  # fmt: skip
+                         eval_max_batches=8, **EXTRA_LM_HP)  # type: ignore[arg-type]  # fmt: skip
     job = JobConfig(model="smollm2-135m", task="sparsify", training_file=str(data["bbc_train"]),
                     hyperparameters=hp, data_dir=str(_data_dir(out)))  # fmt: skip
     run_dir = out / "runs" / "smollm2_sparsify_0.3"
@@ -371,7 +385,7 @@ def table(results: dict[str, dict], steps: int, lm_steps: int, requested: list[s
     lora = results.get("lora_r8")
     if lora:
         lines.append("")
-        for m in ("finegates_0.2", "finegates_0.4"):
+        for m in ("finegates_0.2", "finegates_0.4", "finegates_lora_0.2", "finegates_lora_0.4"):
             r = results.get(m)
             if r and r.get("s_per_step") and lora.get("s_per_step"):
                 lines.append(
@@ -414,8 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None, help="model cache (default OUT/models)")
     ap.add_argument("--lm-batch", type=int, default=8)
     ap.add_argument("--lm-max-len", type=int, default=256)
+    ap.add_argument("--jobs", type=int, default=1, help="methods run side by side")
+    ap.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra hyperparameter for every FineGates MiniLM run")  # fmt: skip
+    ap.add_argument("--lm-hp", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra hyperparameter for the SmolLM2 run")  # fmt: skip
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    EXTRA_HP.update(_parse_hp(args.hp))
+    EXTRA_LM_HP.update(_parse_hp(args.lm_hp))
     global _DATA_DIR, LM_BATCH, LM_MAX_LEN
     LM_BATCH, LM_MAX_LEN = args.lm_batch, args.lm_max_len
     _DATA_DIR = Path(args.data_dir) if args.data_dir else None
@@ -426,26 +447,52 @@ def main(argv: list[str] | None = None) -> int:
     prepare_movie_data(out, args.limit_test)
     prepare_bbc_data(out, args.lm_train_docs, args.lm_eval_docs)
     results: dict[str, dict] = {}
-    for m in [x for x in args.methods.split(",") if x]:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--worker", m,
-               "--steps", str(args.steps), "--lm-steps", str(args.lm_steps),
-               "--device", args.device, "--lm-batch", str(args.lm_batch),
-               "--lm-max-len", str(args.lm_max_len)]  # fmt: skip
-        if args.data_dir:
-            cmd += ["--data-dir", args.data_dir]
-        print(f"# running {m} ...", file=sys.stderr, flush=True)
-        r = subprocess.run(cmd, cwd=ROOT)
-        rp = out / "results" / f"{m}.json"
-        if r.returncode == 0 and rp.is_file():
-            results[m] = json.loads(rp.read_text())
-        else:
-            print(f"# {m} failed (exit {r.returncode})", file=sys.stderr)
+    queue = [x for x in args.methods.split(",") if x]
+    running: list[tuple[str, subprocess.Popen]] = []
+    # --jobs 2 runs two methods side by side (each with the threads OMP_NUM_THREADS gives
+    # it): every method then sees the same kind of neighbour, so s/step stays comparable.
+    while queue or running:
+        while queue and len(running) < max(1, args.jobs):
+            m = queue.pop(0)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--worker", m,
+                   "--steps", str(args.steps), "--lm-steps", str(args.lm_steps),
+                   "--device", args.device, "--lm-batch", str(args.lm_batch),
+                   "--lm-max-len", str(args.lm_max_len)]  # fmt: skip
+            cmd += [f"--hp={x}" for x in args.hp] + [f"--lm-hp={x}" for x in args.lm_hp]
+            if args.data_dir:
+                cmd += ["--data-dir", args.data_dir]
+            print(f"# running {m} ...", file=sys.stderr, flush=True)
+            running.append((m, subprocess.Popen(cmd, cwd=ROOT)))
+        time.sleep(1.0)
+        for m, proc in list(running):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            running.remove((m, proc))
+            rp = out / "results" / f"{m}.json"
+            if rc == 0 and rp.is_file():
+                results[m] = json.loads(rp.read_text())
+            else:
+                print(f"# {m} failed (exit {rc})", file=sys.stderr)
     cmdline = "bench/bench_engine.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(results, args.steps, args.lm_steps, args.methods.split(","))
     print(f"Command: `.venv/bin/python {cmdline}`\n\n{text}")
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "results" / "table.md").write_text(text + "\n")
     return 0
+
+
+def _parse_hp(items: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for it in items:
+        name, sep, raw = it.partition("=")
+        if not sep:
+            raise SystemExit(f"--hp/--lm-hp takes NAME=VALUE, got {it!r}")
+        try:
+            out[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
 
 
 def _has_cuda() -> bool:
