@@ -264,7 +264,9 @@ class Hyperparameters:
             # reach the target in the first ~40% of training. Capped at 0.05.
             h.learning_rate = float(max(DEFAULT_GATE_LR, min(0.05, 5.0 / max(1, total))))
         if h.sparsity_warmup_ratio == AUTO:
-            h.sparsity_warmup_ratio = DEFAULT_CALIBRATED_RAMP if h.objective == "calibrated" else 0.0
+            h.sparsity_warmup_ratio = (
+                DEFAULT_CALIBRATED_RAMP if h.objective == "calibrated" else 0.0
+            )
         if h.eval_interval == AUTO:
             h.eval_interval = int(max(1, min(500, math.ceil(total / 10))))
         if h.checkpoint_interval == AUTO:

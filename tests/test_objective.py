@@ -238,7 +238,9 @@ def test_focused_push_reaches_only_each_vectors_lowest_gates(tiny_bert_cls):
     focused = SparsityObjective(target_sparsity=0.3)  # focus is the default
     l0, p0 = unfocused.loss(tiny_bert_cls, 0)
     l1, p1 = focused.loss(tiny_bert_cls, 0)
-    assert l1.item() == pytest.approx(l0.item()) and p1["expected_sparsity"] == p0["expected_sparsity"]
+    assert (
+        l1.item() == pytest.approx(l0.item()) and p1["expected_sparsity"] == p0["expected_sparsity"]
+    )
     l1.backward()
     g = dense.row_logits.grad
     n = g.numel()
