@@ -183,8 +183,9 @@ def run_finegates(method: str, out: Path, steps: int, data: dict[str, Path], dev
     target = float(method.rsplit("_", 1)[1])
     objective = "paper" if "paper" in method else "calibrated"
     extra: dict[str, object] = dict(EXTRA_HP)
-    if "lora" in method:  # gates+lora: LoRA r=8 inside every gated layer, at LoRA's lr
-        extra.update(trainable="gates+lora", lora_rank=8, lora_learning_rate=2 * LORA_LR)
+    if "lora" in method:  # gates+lora: LoRA r=8 inside every gated layer ("auto" lr: 2e-3 at
+        # scale 1, the same step as the PEFT baseline's 1e-3 at alpha/r = 2)
+        extra.update(trainable="gates+lora", lora_rank=8)
     hp = Hyperparameters(max_steps=steps, batch_size=BATCH, max_length=MAX_LEN,
                          target_sparsity=target, objective=objective,
                          eval_interval=max(1, min(50, steps // 10 or 1)), n_checkpoints=1,
