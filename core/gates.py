@@ -313,13 +313,24 @@ class GatedLinear(nn.Module):
         if self.record_input_mean and self.training:
             with torch.no_grad():
                 self.input_mean = x.detach().float().reshape(-1, x.shape[-1]).mean(0)
-        if FUSED_AUTOGRAD and self.lora_A is None and _compute_dtype(x) != torch.float16:
+        if FUSED_AUTOGRAD and _compute_dtype(x) != torch.float16:
             u_r, u_c = self._gate_preacts()
             z_r, z_c = u_r.clamp(0.0, 1.0), u_c.clamp(0.0, 1.0)
             # Rows with u_r < 0 strictly get zero gradient from the clamp, so the fused
             # backward may skip recovering their pre-gate output (see _GatedLinearFn).
             row_dead = (u_r < 0).detach()
-            return _GatedLinearFn.apply(x, self.base.weight, self.base.bias, z_r, z_c, row_dead)
+            y = _GatedLinearFn.apply(x, self.base.weight, self.base.bias, z_r, z_c, row_dead)
+            if self.lora_A is not None:
+                # z_r * (s B A (z_c * x)) == (s z_r B)(A z_c) x: fold the gates into the
+                # factors, so this branch saves only x (already saved above) and the
+                # rank-r activation instead of two full-width copies.
+                a = self.lora_A * z_c.to(self.lora_A.dtype)
+                b = (
+                    cast(Tensor, self.lora_B)
+                    * (self.lora_scale * z_r).to(self.lora_A.dtype)[:, None]
+                )
+                y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)).to(y.dtype)
+            return y
         z_r, z_c = self.gates()
         xc = x * z_c.to(x.dtype)  # (..., in)
         y = F.linear(xc, self.base.weight, self.base.bias)  # (..., out)
