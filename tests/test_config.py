@@ -99,3 +99,20 @@ def test_jobconfig_round_trip_and_errors(tmp_path):
     with pytest.raises(ConfigError) as ei:
         JobConfig.from_dict({"model": "x", "training_file": "a", "hyperparameters": {"lr": 1}})
     assert ei.value.field == "lr"
+
+
+def test_sparsity_ramp_auto_depends_on_objective_and_focus_is_a_validated_bool():
+    assert Hyperparameters().sparsity_focus is True
+    cal = Hyperparameters(sparsity_warmup_ratio="auto").resolve(1000, "classification")
+    paper = Hyperparameters(objective="paper").resolve(1000, "classification")
+    assert cal.sparsity_warmup_ratio == 0.3 and paper.sparsity_warmup_ratio == 0.0
+    assert (
+        Hyperparameters(sparsity_warmup_ratio=0.1)
+        .resolve(10, "classification")
+        .sparsity_warmup_ratio
+        == 0.1
+    )
+    assert Hyperparameters(sparsity_focus="off").sparsity_focus is False
+    with pytest.raises(ConfigError) as e:
+        Hyperparameters(sparsity_focus="maybe")
+    assert e.value.field == "sparsity_focus"
