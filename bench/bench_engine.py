@@ -186,9 +186,11 @@ def run_finegates(method: str, out: Path, steps: int, data: dict[str, Path], dev
     if "lora" in method:  # gates+lora: LoRA r=8 inside every gated layer ("auto" lr: 2e-3 at
         # scale 1, the same step as the PEFT baseline's 1e-3 at alpha/r = 2)
         extra.update(trainable="gates+lora", lora_rank=8)
-    kw: dict[str, object] = {"max_steps": steps, "batch_size": BATCH, "max_length": MAX_LEN,
-                                 "target_sparsity": target, "objective": objective,
-                                 "eval_interval": max(1, min(50, steps // 10 or 1)), "n_checkpoints": 1}  # fmt: skip
+    kw: dict[str, object] = {
+        "max_steps": steps, "batch_size": BATCH, "max_length": MAX_LEN,
+        "target_sparsity": target, "objective": objective,
+        "eval_interval": max(1, min(50, steps // 10 or 1)), "n_checkpoints": 1,
+    }  # fmt: skip
     hp = Hyperparameters(**{**kw, **extra})  # type: ignore[arg-type]
     job = JobConfig(model="minilm-l6", task="classification", training_file=str(data["train"]),
                     validation_file=str(data["val"]), hyperparameters=hp,
@@ -311,9 +313,11 @@ def run_smollm2(out: Path, steps: int, data: dict[str, Path], device: str) -> di
         "perplexity"
     ]
     del base
-    kw = {"max_steps": steps, "batch_size": LM_BATCH, "max_length": max_len, "target_sparsity": 0.3,
-              "eval_interval": max(1, min(50, steps // 10 or 1)), "n_checkpoints": 1,
-              "eval_max_batches": 8}  # fmt: skip
+    kw = {
+        "max_steps": steps, "batch_size": LM_BATCH, "max_length": max_len, "target_sparsity": 0.3,
+        "eval_interval": max(1, min(50, steps // 10 or 1)), "n_checkpoints": 1,
+        "eval_max_batches": 8,
+    }  # fmt: skip
     hp = Hyperparameters(**{**kw, **EXTRA_LM_HP})  # type: ignore[arg-type]
     job = JobConfig(model="smollm2-135m", task="sparsify", training_file=str(data["bbc_train"]),
                     hyperparameters=hp, data_dir=str(_data_dir(out)))  # fmt: skip

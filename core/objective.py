@@ -274,8 +274,8 @@ def _lowest_mask(logits: Tensor, share: float) -> Tensor:
     k = min(n, max(1, math.ceil(share * n)))
     if k >= n:
         return torch.ones_like(logits, dtype=torch.float32)
-    thr = logits.detach().float().kthvalue(k).values
-    return (logits.detach().float() <= thr).to(torch.float32)
+    v = logits.detach().float()
+    return (v <= v.kthvalue(k).values).to(torch.float32)
 
 
 def _focus_scale(
