@@ -1,23 +1,17 @@
 """Shared fixtures: tiny random BERT / Llama models and saved model folders.
 
-The builders live in tests/tiny_models.py so non-pytest code can import them too
-(`from tests.tiny_models import build_tiny_llama` from the repo root, or
-`from tiny_models import ...` inside the test suite).
+The builders live in the tests.support package so non-pytest code can import them too:
+`from tests.support.tiny_models import build_tiny_llama` from the repository root.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-_TESTS = Path(__file__).resolve().parent
-for _p in (str(_TESTS), str(_TESTS.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from tiny_models import (  # noqa: E402
+from tests.support.db import db_url, migrated_engine  # noqa: F401 (fixtures)
+from tests.support.tiny_models import (
     build_tiny_bert_cls,
     build_tiny_llama,
     save_tiny_bert,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from api_helpers import cls_bytes, fake_artifact, job_body, succeed_job, upload
 from sqlalchemy import select, update
 
 from api.auth import authenticate, create_api_key, hash_key
 from api.db.models import ApiKey, utcnow
+from tests.support.api import cls_bytes, fake_artifact, job_body, succeed_job, upload
 
 
 @pytest.fixture

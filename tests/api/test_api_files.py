@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from api_helpers import cls_bytes, upload
+
+from tests.support.api import cls_bytes, upload
 
 
 def test_upload_and_read_back(client, make_headers):

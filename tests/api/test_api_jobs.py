@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from api_helpers import cls_bytes, job_body, upload
-
 from api import jobstate
 from api.db.models import Job, utcnow
+from tests.support.api import cls_bytes, job_body, upload
 
 
 def _file(client, h):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import tarfile
 
-from api_helpers import cls_bytes, fake_artifact, job_body, succeed_job, upload
+from tests.support.api import cls_bytes, fake_artifact, job_body, succeed_job, upload
 
 
 def _finetuned(client, h, sessions, settings, with_onnx=False, name="ft:minilm-l6:demo:abc"):

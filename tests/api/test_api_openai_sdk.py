@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from api_helpers import cls_bytes, fake_artifact
 
 from api import jobstate
+from tests.support.api import cls_bytes, fake_artifact
 
 
 @pytest.fixture

@@ -30,9 +30,9 @@ from typing import Any
 
 import httpx
 import pytest
-from e2e_helpers import ROOT, TINY_MODEL_ID, free_port, movie_reviews_jsonl
 
-WORKER_MAIN = Path(__file__).resolve().parent / "worker_main.py"
+from tests.support.e2e import ROOT, TINY_MODEL_ID, free_port, movie_reviews_jsonl
+
 PG_ADMIN = os.environ.get("FINEGATES_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST = os.environ.get("FINEGATES_TEST_REDIS_HOST", "127.0.0.1")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -65,7 +65,7 @@ class Stack:
         log = self.log_path.open("ab")
         self._logs.append(log)
         self.worker = subprocess.Popen(
-            [sys.executable, str(WORKER_MAIN)],
+            [sys.executable, "-m", "tests.e2e.worker_main"],
             cwd=str(ROOT),
             env=self.env,
             stdout=log,
@@ -239,12 +239,11 @@ def _redis_db() -> tuple[str, Callable[[], None]]:
 def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    from tiny_models import save_tiny_bert
-
     from api.auth import create_api_key
     from api.db import make_sessionmaker, session_scope, upgrade
     from api.settings import Settings
     from core.catalog import register_model
+    from tests.support.tiny_models import save_tiny_bert
 
     backend = request.param
     data_dir = tmp_path_factory.mktemp(f"e2e-{backend}")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import ROOT, TINY_MODEL_ID, free_port, movie_reviews_jsonl
+
+from tests.support.e2e import ROOT, TINY_MODEL_ID, free_port, movie_reviews_jsonl
 
 pytestmark = pytest.mark.e2e
 
@@ -89,9 +90,8 @@ class Serve:
 
 
 def test_serve_runs_api_and_worker_and_stops_cleanly(tmp_path: Path) -> None:
-    from tiny_models import save_tiny_bert
-
     from core.catalog import register_model
+    from tests.support.tiny_models import save_tiny_bert
 
     data = tmp_path / "data"
     data.mkdir()

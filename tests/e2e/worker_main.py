@@ -11,11 +11,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def _pace_steps(delay: float) -> None:

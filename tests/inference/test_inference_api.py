@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference_helpers import ServerThread, make_deployment  # noqa: E402
-
-from api.inference import InferenceConfig, InferenceEngine  # noqa: E402
-from api.inference.app import create_inference_app  # noqa: E402
-from api.inference.resolver import DbModelResolver  # noqa: E402
+from api.inference import InferenceConfig, InferenceEngine
+from api.inference.app import create_inference_app
+from api.inference.resolver import DbModelResolver
+from tests.support.inference import ServerThread, make_deployment
 
 CAP_TOKENS = 64
 CAP_INPUTS = 32
@@ -206,7 +202,6 @@ def test_base_catalog_model_is_served_dense_to_every_tenant(server, deployment):
 
 
 def test_models_list_shows_own_and_base_models(server, deployment):
-    pytest.importorskip("api.routes.models")
     ids_alice = {m.id for m in client_for(server, deployment, "alice").models.list()}
     ids_bob = {m.id for m in client_for(server, deployment, "bob").models.list()}
     assert {deployment.model_ids["cls"], deployment.model_ids["lm"]} <= ids_alice

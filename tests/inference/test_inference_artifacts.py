@@ -2,39 +2,29 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import httpx
 import openai
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inference_helpers import ServerThread, make_deployment  # noqa: E402
-
-pytest.importorskip("core.artifacts")
-pytest.importorskip("core.prune")
-
-from api.inference import InferenceConfig, InferenceEngine  # noqa: E402
-from api.inference.app import create_inference_app  # noqa: E402
-from api.inference.resolver import DbModelResolver  # noqa: E402
+from api.inference import InferenceConfig, InferenceEngine
+from api.inference.app import create_inference_app
+from api.inference.resolver import DbModelResolver
+from tests.support.inference import ServerThread, make_deployment
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    from prune_fixtures import apply_pattern
-    from tiny_models import (
+    from core.artifacts import save_artifact
+    from core.prune import prune_model
+    from tests.support.prune_fixtures import apply_pattern
+    from tests.support.tiny_models import (
         BERT_LABELS,
         build_bert_tokenizer,
         build_llama_tokenizer,
         build_tiny_bert_cls,
         build_tiny_llama,
     )
-
-    from core.artifacts import save_artifact
-    from core.prune import prune_model
 
     root = tmp_path_factory.mktemp("artifacts")
     bert = apply_pattern(build_tiny_bert_cls(seed=3), "heads", seed=3)
@@ -124,8 +114,8 @@ def test_onnx_backend_chosen_from_report_and_matches_torch(artifacts, tmp_path):
     import json
     import shutil
 
-    onnx_export = pytest.importorskip("core.onnx_export")
     from api.inference.backends import ModelSpec, load_backend
+    from core import onnx_export
 
     art = tmp_path / "cls"
     shutil.copytree(artifacts[0], art)

@@ -10,31 +10,31 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from test_worker_units import job_row, make_job, sessions, settings, step  # noqa: F401
 
 from api import jobstate
 from api.db import session_scope
 from api.db.models import Checkpoint, Job, JobEvent, utcnow
 from core.callbacks import CheckpointRecord
+from tests.support.worker import job_row, make_job, step
 
 TINY = "tiny-review"
 
 
-def _n_events(sessions: Any, job_id: str) -> int:  # noqa: F811
+def _n_events(sessions: Any, job_id: str) -> int:
     with session_scope(sessions) as s:
         return s.execute(
             select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id)
         ).scalar_one()
 
 
-def _steal(sessions: Any, job_id: str, new_owner: str = "other-worker") -> None:  # noqa: F811
+def _steal(sessions: Any, job_id: str, new_owner: str = "other-worker") -> None:
     """What the reaper + another worker's claim do to the row, in one write."""
     with session_scope(sessions) as s:
         s.execute(Job.__table__.update().where(Job.id == job_id).values(worker_id=new_owner))
         s.commit()
 
 
-def test_callback_raises_job_lost_and_records_no_checkpoint(sessions, settings) -> None:  # noqa: F811
+def test_callback_raises_job_lost_and_records_no_checkpoint(sessions, settings) -> None:
     from worker.callback import JobCallback, JobLost
 
     job_id = make_job(sessions, settings)
@@ -52,7 +52,7 @@ def test_callback_raises_job_lost_and_records_no_checkpoint(sessions, settings) 
         assert s.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)).first() is None
 
 
-def test_add_checkpoint_only_for_the_owning_worker(sessions, settings) -> None:  # noqa: F811
+def test_add_checkpoint_only_for_the_owning_worker(sessions, settings) -> None:
     job_id = make_job(sessions, settings)
     with session_scope(sessions) as s:
         assert jobstate.claim(s, job_id, "w1")
@@ -63,8 +63,8 @@ def test_add_checkpoint_only_for_the_owning_worker(sessions, settings) -> None: 
 
 
 def test_lost_job_stops_without_a_stop_checkpoint_or_any_write(
-    sessions,  # noqa: F811
-    settings,  # noqa: F811
+    sessions,
+    settings,
     tiny_bert_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -102,7 +102,7 @@ def test_lost_job_stops_without_a_stop_checkpoint_or_any_write(
     assert not (settings.data_path / "artifacts" / job_id).exists()
 
 
-def test_time_limit_counts_from_the_first_start(sessions, settings, tiny_bert_dir) -> None:  # noqa: F811
+def test_time_limit_counts_from_the_first_start(sessions, settings, tiny_bert_dir) -> None:
     """A requeued job that started two hours ago has no time left under a one-hour limit."""
     from core.catalog import register_model
     from worker.tasks import execute_job
@@ -123,8 +123,8 @@ def test_time_limit_counts_from_the_first_start(sessions, settings, tiny_bert_di
 
 
 def test_pruning_failure_has_its_own_code_and_keeps_the_run(
-    sessions,  # noqa: F811
-    settings,  # noqa: F811
+    sessions,
+    settings,
     tiny_bert_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -146,7 +146,7 @@ def test_pruning_failure_has_its_own_code_and_keeps_the_run(
     assert not (settings.data_path / "artifacts" / job_id).exists()  # no fake artifact
 
 
-def test_a_tenant_model_id_is_never_a_server_path(sessions, settings, tiny_bert_dir) -> None:  # noqa: F811
+def test_a_tenant_model_id_is_never_a_server_path(sessions, settings, tiny_bert_dir) -> None:
     from worker.tasks import execute_job
 
     job_id = make_job(sessions, settings, model=str(tiny_bert_dir))
@@ -157,8 +157,8 @@ def test_a_tenant_model_id_is_never_a_server_path(sessions, settings, tiny_bert_
 
 
 def test_shutdown_of_a_cancel_requested_job_cancels_instead_of_requeueing(
-    sessions,  # noqa: F811
-    settings,  # noqa: F811
+    sessions,
+    settings,
 ) -> None:
     from worker.callback import JobCallback
     from worker.tasks import _stopped

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from prune_fixtures import apply_pattern, close_rows, reference_plan
-from tiny_models import build_tiny_bert_cls, build_tiny_llama
 
 from core.errors import PlanError
 from core.prune import compression_figures, dense_plan, max_abs_diff, prune_model
 from core.pruned import KVCache
+from tests.support.prune_fixtures import apply_pattern, close_rows, reference_plan
+from tests.support.tiny_models import build_tiny_bert_cls, build_tiny_llama
 
 BUILDERS = {"bert": build_tiny_bert_cls, "llama": build_tiny_llama}
 PATTERNS = ["heads", "dims", "none", "ffn"]
@@ -76,7 +76,8 @@ def test_multiples_keep_dead_neurons_and_dims_exactly(family):
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_structure_build_plan_matches_reference(family):
-    structure = pytest.importorskip("core.structure")
+    from core import structure
+
     model = apply_pattern(BUILDERS[family](seed=1), "heads", seed=5)
     plan = structure.build_plan(model, structure.describe(model))
     pm, _ = prune_model(model, plan)  # validates: every dropped group is dead

@@ -7,20 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from prune_fixtures import apply_pattern, close_rows, gate, reference_plan
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import (
+
+from core.artifacts import load_artifact, register_files, save_artifact, sha256_file
+from core.errors import ArtifactError
+from core.prune import max_abs_diff, prune_model
+from tests.support.prune_fixtures import apply_pattern, close_rows, gate, reference_plan
+from tests.support.tiny_models import (
     BERT_LABELS,
     build_bert_tokenizer,
     build_llama_tokenizer,
     build_tiny_bert_cls,
     build_tiny_llama,
 )
-
-from core.artifacts import load_artifact, register_files, save_artifact, sha256_file
-from core.errors import ArtifactError
-from core.prune import max_abs_diff, prune_model
 
 IDS = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(0))
 

@@ -1,4 +1,4 @@
-"""Data and request helpers shared by the API tests (import as `api_helpers`)."""
+"""Data and request helpers shared by the API tests (`tests.support.api`)."""
 
 from __future__ import annotations
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from prune_fixtures import apply_pattern, reference_plan
-from tiny_models import build_bert_tokenizer, build_tiny_bert_cls, build_tiny_llama
 
 from core.artifacts import load_artifact, save_artifact
 from core.onnx_export import OnnxRunner, export_artifact_onnx, export_onnx
 from core.prune import prune_model
+from tests.support.prune_fixtures import apply_pattern, reference_plan
+from tests.support.tiny_models import build_bert_tokenizer, build_tiny_bert_cls, build_tiny_llama
 
 
 def _pruned(family: str):

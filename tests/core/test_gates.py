@@ -178,7 +178,7 @@ def test_default_targets_bert(tiny_bert_cls):
 
 
 def test_default_targets_llama_and_all_linear(tiny_llama):
-    from tiny_models import build_tiny_llama
+    from tests.support.tiny_models import build_tiny_llama
 
     names = inject_gates(tiny_llama)
     assert len(names) == 14
@@ -249,7 +249,7 @@ def test_inject_is_idempotent_and_exact_at_init(tiny_bert_cls):
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_remove_unfolded_restores_original_exactly(family):
-    from tiny_models import build_tiny_bert_cls, build_tiny_llama
+    from tests.support.tiny_models import build_tiny_bert_cls, build_tiny_llama
 
     model = build_tiny_bert_cls() if family == "bert" else build_tiny_llama()
     x = _ids()
@@ -272,7 +272,7 @@ def test_remove_unfolded_restores_original_exactly(family):
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_fold_equals_gated_eval_forward(family):
-    from tiny_models import build_tiny_bert_cls, build_tiny_llama
+    from tests.support.tiny_models import build_tiny_bert_cls, build_tiny_llama
 
     model = build_tiny_bert_cls() if family == "bert" else build_tiny_llama()
     x = _ids()
@@ -305,7 +305,7 @@ def _one_step_changed(model: nn.Module, mode: str) -> tuple[set[str], set[str]]:
 
 
 def _bert_for_modes(lora: int = 0):
-    from tiny_models import build_tiny_bert_cls
+    from tests.support.tiny_models import build_tiny_bert_cls
 
     model = build_tiny_bert_cls()
     inject_gates(model, cfg=GateConfig(lora_rank=lora, noise_std=0.0))

@@ -16,7 +16,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 import core.gates as G
 from core.gates import GateConfig, GatedLinear, configure_trainable, inject_gates
-from tests.tiny_models import build_tiny_bert_cls, build_tiny_llama
+from tests.support.tiny_models import build_tiny_bert_cls, build_tiny_llama
 
 
 @pytest.fixture

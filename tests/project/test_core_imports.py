@@ -11,7 +11,7 @@ from pathlib import Path
 import core
 
 FORBIDDEN = ("fastapi", "starlette", "celery", "sqlalchemy", "alembic", "api", "worker")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _core_modules() -> list[str]:

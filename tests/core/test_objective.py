@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from tiny_models import build_tiny_bert_cls, build_tiny_llama
 from torch import nn
 
 from core.errors import ConfigError
@@ -27,6 +26,7 @@ from core.objective import (
     paper_objective,
 )
 from core.structure import describe, measured_sparsity
+from tests.support.tiny_models import build_tiny_bert_cls, build_tiny_llama
 
 
 def _phi(x: float) -> float:
