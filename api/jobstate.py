@@ -236,10 +236,6 @@ def claim(session: Session, job_id: str, worker_id: str, *, run_dir: str | None 
     return True
 
 
-def heartbeat(session: Session, job_id: str, worker_id: str) -> ProgressAck:
-    return record_progress(session, job_id, worker_id)
-
-
 def record_progress(
     session: Session,
     job_id: str,
@@ -427,7 +423,7 @@ def finish_cancelled(
 
 
 def release(session: Session, job_id: str, worker_id: str, message: str | None = None) -> bool:
-    """running -> queued by its own worker, which is shutting down cleanly (added by C2).
+    """running -> queued by its own worker, which is shutting down cleanly.
 
     The worker has just written a checkpoint, so the attempt it used is given back: a
     deliberate restart of ``finegates serve`` must not count toward the retry limit.

@@ -99,7 +99,6 @@ class WorkerSupervisor:
         self.shutdown_timeout = shutdown_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
-        self.restarts = 0
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
     def _spawn(self) -> None:
@@ -125,7 +124,6 @@ class WorkerSupervisor:
                 if self.stopping.wait(backoff):
                     return
                 backoff = min(backoff * 2, 30.0)
-                self.restarts += 1
                 self._spawn()
             elif proc is not None and proc.poll() is None:
                 backoff = max(1.0, backoff * 0.9)
