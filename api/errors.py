@@ -145,7 +145,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        # The deepest location first: when a union field fails (content: str | list[...]),
+        # pydantic reports every member, and the deepest is the one the client meant.
+        first = (
+            max(errors, key=lambda e: len(e.get("loc", ())))
+            if errors
+            else {"loc": (), "msg": "invalid request"}
+        )
         param = _loc_to_param(tuple(first.get("loc", ())))
         msg = str(first.get("msg", "invalid request"))
         if first.get("type") == "json_invalid":

@@ -43,8 +43,10 @@ def test_celery_config_embedded_and_redis(tmp_path: Path) -> None:
     assert c.worker_enable_remote_control is False  # virtual transport: no fanout
     assert c.broker_transport_options == {}  # the SQL transport hands options to create_engine
     # ...so its poll interval (kombu's default: 1 s of queue wait) is set on the class
+    from worker.celery_app import EMBEDDED_POLL_INTERVAL_S
+
     with app.connection_for_read() as conn:
-        assert conn.transport.polling_interval == 0.1
+        assert conn.transport.polling_interval == EMBEDDED_POLL_INTERVAL_S < 1.0
 
     r = make_celery(Settings(data_dir=tmp_path / "d", broker_url="redis://h:6379/0"))
     # one hour past the longest job (24 h by default): never redelivered while it runs
@@ -232,7 +234,7 @@ def test_execute_job_skips_what_it_must_not_run(sessions, settings) -> None:
     with session_scope(sessions) as s:
         jobstate.claim(s, running, "someone-else")
     out = execute_job(running, settings=settings, session_factory=sessions, worker_id="w")
-    assert out.status == "skipped"
+    assert (out.status, out.detail) == ("skipped", "running")
     assert job_row(sessions, running).worker_id == "someone-else"  # untouched
 
 
