@@ -9,7 +9,9 @@ Each transition is ``UPDATE jobs SET ... WHERE id = :id AND status = :expected``
 for a worker, ``AND worker_id = :me``), so exactly one of the racers wins and the others
 learn it from the row count instead of overwriting each other. Each function is one
 transaction: it commits on success (events are written in the same transaction as the
-change they describe). No fastapi here: the worker imports this module.
+change they describe). No fastapi here: the worker imports this module. It is longer than
+most modules on purpose: every guarded transition sits next to the others, so the
+diagram above can be checked against one file.
 """
 
 from __future__ import annotations

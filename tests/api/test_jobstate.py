@@ -355,3 +355,15 @@ def test_queue_position_counts_queued_jobs_ahead_in_the_same_queue(s: Session) -
     assert [jobstate.queue_position(s, _row(s, j)) for j in (a, b, other, c)] == [0, 1, 0, 2]
     assert jobstate.claim(s, a, "w1")
     assert [jobstate.queue_position(s, _row(s, j)) for j in (a, b, c)] == [None, 0, 1]
+
+
+def test_the_public_schema_names_every_state_level_and_event_type() -> None:
+    """api/schemas.py spells these out as Literals for the OpenAPI document."""
+    from typing import get_args
+
+    from api.schemas import JobEventObject, JobStatus
+
+    assert get_args(JobStatus) == jobstate.STATUSES
+    fields = JobEventObject.model_fields
+    assert get_args(fields["level"].annotation) == jobstate.LEVELS
+    assert get_args(fields["type"].annotation) == jobstate.EVENT_TYPES
