@@ -1,12 +1,16 @@
 """Typed dependencies that keep handlers short (full-stack-fastapi-template style).
 
-Ownership lives here, once: ``OwnedJob`` / ``OwnedFile`` / ``OwnedModel`` load the object
-scoped to the caller's tenant and answer 404 otherwise, so no handler can forget it.
+Ownership lives here, once per object kind: ``OwnedJob``, ``OwnedFile`` and ``ModelDep``
+load the object named in the path scoped to the caller's tenant and answer 404 otherwise,
+so no handler can forget it; ``load_owned_file`` and ``find_owned_model`` are the same
+lookups for ids that arrive in a request body or an inference call. Another tenant's
+object answers exactly like one that never existed (no id probing).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
@@ -104,15 +108,21 @@ def get_owned_job(
     return job
 
 
+def load_owned_file(
+    session: Session, tenant_id: str, file_id: str, param: str | None = None
+) -> File:
+    f = session.execute(
+        select(File).where(File.id == file_id, File.tenant_id == tenant_id)
+    ).scalar_one_or_none()
+    if f is None:
+        raise not_found("file", file_id, param)
+    return f
+
+
 def get_owned_file(
     file_id: Annotated[str, Path(max_length=64)], principal: PrincipalDep, session: SessionDep
 ) -> File:
-    f = session.execute(
-        select(File).where(File.id == file_id, File.tenant_id == principal.tenant_id)
-    ).scalar_one_or_none()
-    if f is None:
-        raise not_found("file", file_id)
-    return f
+    return load_owned_file(session, principal.tenant_id, file_id)
 
 
 def find_owned_model(session: Session, model_id: str, tenant_id: str) -> FineTunedModel | None:
@@ -123,14 +133,31 @@ def find_owned_model(session: Session, model_id: str, tenant_id: str) -> FineTun
     ).scalar_one_or_none()
 
 
-def get_owned_model(model_id: str, principal: PrincipalDep, session: SessionDep) -> FineTunedModel:
-    """A finetuned model of the caller; base catalog models are handled by the routes."""
-    m = find_owned_model(session, model_id, principal.tenant_id)
-    if m is None:
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model id names for the caller: their finetuned model, else a catalog model."""
+
+    id: str
+    finetuned: FineTunedModel | None
+    base: Any | None  # core.catalog's entry; shared by every tenant, read-only
+
+
+def base_models(settings: Settings) -> dict[str, Any]:
+    from core.catalog import list_models
+
+    return {m.id: m for m in list_models(settings.data_path, allow_hub=settings.allow_hub)}
+
+
+def get_model_ref(
+    model_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
+) -> ModelRef:
+    finetuned = find_owned_model(session, model_id, principal.tenant_id)
+    base = None if finetuned is not None else base_models(settings).get(model_id)
+    if finetuned is None and base is None:
         raise not_found("model", model_id)
-    return m
+    return ModelRef(model_id, finetuned, base)
 
 
 OwnedJob = Annotated[Job, Depends(get_owned_job)]
 OwnedFile = Annotated[File, Depends(get_owned_file)]
-OwnedModel = Annotated[FineTunedModel, Depends(get_owned_model)]
+ModelDep = Annotated[ModelRef, Depends(get_model_ref)]

@@ -1,8 +1,10 @@
 """Every error the API returns has OpenAI's shape: {"error": {message, type, param, code}}.
 
-Why one place: the openai SDK turns this body into typed exceptions (BadRequestError,
-NotFoundError, ...) with ``.param`` and ``.code``; a stray FastAPI ``{"detail": ...}`` would
-lose the param a user needs to fix their request. Data errors also carry ``line``.
+Why one place and one exception type (``APIError``, raised by the routes, the
+dependencies and the inference engine alike): the openai SDK turns this body into typed
+exceptions (BadRequestError, NotFoundError, ...) with ``.param`` and ``.code``; a stray
+FastAPI ``{"detail": ...}`` would lose the param a user needs to fix their request. Data
+errors also carry ``line``.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def error_body(
 
 
 class APIError(Exception):
-    """Raise from handlers and dependencies; rendered by the handler below."""
+    """Raise from handlers, dependencies and the inference engine; rendered by the handler
+    below (or, once a stream has started, sent in-band as ``body()``)."""
 
     def __init__(
         self,
@@ -82,12 +85,11 @@ class APIError(Exception):
         self.headers = headers
         self.extra = extra
 
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code, **self.extra)
+
     def response(self) -> JSONResponse:
-        return JSONResponse(
-            error_body(self.status, self.message, param=self.param, code=self.code, **self.extra),
-            status_code=self.status,
-            headers=self.headers,
-        )
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def not_found(kind: str, obj_id: str, param: str | None = None) -> APIError:
@@ -108,9 +110,23 @@ def from_engine_error(exc: FineGatesError, param_prefix: str = "") -> APIError:
     return APIError(500, exc.message, code=exc.code)
 
 
+_SOURCES = ("body", "query", "path", "header", "cookie", "form")
+# The names pydantic gives union members in an error location: input.str, input.list[str]
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "bytes", "none", "null"})
+
+
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
-    return ".".join(parts) or None
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'; union member names dropped."""
+    parts = list(loc[1:] if loc and loc[0] in _SOURCES else loc)
+    param = ""
+    for part in parts:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part in _UNION_MEMBERS or "[" in str(part) or str(part).startswith("function-"):
+            continue
+        else:
+            param += f".{part}" if param else str(part)
+    return param or None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -129,7 +145,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        # The deepest location first: when a union field fails (content: str | list[...]),
+        # pydantic reports every member, and the deepest is the one the client meant.
+        first = (
+            max(errors, key=lambda e: len(e.get("loc", ())))
+            if errors
+            else {"loc": (), "msg": "invalid request"}
+        )
         param = _loc_to_param(tuple(first.get("loc", ())))
         msg = str(first.get("msg", "invalid request"))
         if first.get("type") == "json_invalid":

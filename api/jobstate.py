@@ -9,7 +9,9 @@ Each transition is ``UPDATE jobs SET ... WHERE id = :id AND status = :expected``
 for a worker, ``AND worker_id = :me``), so exactly one of the racers wins and the others
 learn it from the row count instead of overwriting each other. Each function is one
 transaction: it commits on success (events are written in the same transaction as the
-change they describe). No fastapi here: the worker imports this module.
+change they describe). No fastapi here: the worker imports this module. It is longer than
+most modules on purpose: every guarded transition sits next to the others, so the
+diagram above can be checked against one file.
 """
 
 from __future__ import annotations
@@ -236,10 +238,6 @@ def claim(session: Session, job_id: str, worker_id: str, *, run_dir: str | None 
     return True
 
 
-def heartbeat(session: Session, job_id: str, worker_id: str) -> ProgressAck:
-    return record_progress(session, job_id, worker_id)
-
-
 def record_progress(
     session: Session,
     job_id: str,
@@ -427,7 +425,7 @@ def finish_cancelled(
 
 
 def release(session: Session, job_id: str, worker_id: str, message: str | None = None) -> bool:
-    """running -> queued by its own worker, which is shutting down cleanly (added by C2).
+    """running -> queued by its own worker, which is shutting down cleanly.
 
     The worker has just written a checkpoint, so the attempt it used is given back: a
     deliberate restart of ``finegates serve`` must not count toward the retry limit.

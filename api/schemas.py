@@ -1,43 +1,67 @@
 """Request bodies and public response shapes (kept apart from the table models).
 
 Responses follow OpenAI's objects field for field (so the openai SDK parses them) and add
-FineGates' own fields next to them; ``extra="allow"`` keeps the documents open for that.
+FineGates' own fields next to them, each declared here: response models forbid
+undeclared fields, so a route cannot send a key this file does not document (it fails
+loudly in the tests instead). Request bodies of the job API forbid unknown fields (a typo
+in a hyperparameter block must not be ignored); the inference bodies ignore the OpenAI
+fields this server does not use, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TaskName = Literal["classification", "causal_lm", "sparsify"]
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-# --- requests ---------------------------------------------------------------------------
-
-
-class FineGatesMethodConfig(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# --- pagination -------------------------------------------------------------------------
+
+Item = TypeVar("Item", bound=BaseModel)
+
+
+class Page(_Strict, Generic[Item]):
+    """OpenAI's list page: ``after`` (the last id of the previous page) + ``limit``."""
+
+    object: Literal["list"] = "list"
+    data: list[Item]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class CountedPage(Page[Item], Generic[Item]):
+    """A page that also says how many objects match the filters, over all pages."""
+
+    count: int
+
+
+# --- job requests -----------------------------------------------------------------------
+
+
+class FineGatesMethodConfig(_Strict):
     task: TaskName | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
 
 
-class MethodIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class MethodIn(_Strict):
     type: Literal["finegates"]
     finegates: FineGatesMethodConfig | None = None
 
 
-class JobCreate(BaseModel):
-    """The body of POST /v1/fine_tuning/jobs (issue 4 contract)."""
-
-    model_config = ConfigDict(extra="forbid")
+class JobCreate(_Strict):
+    """The body of POST /v1/fine_tuning/jobs: OpenAI's, with ``method.type = "finegates"``."""
 
     model: str = Field(min_length=1, max_length=512)
     training_file: str = Field(min_length=1, max_length=64)
@@ -64,10 +88,10 @@ class JobCreate(BaseModel):
         return v
 
 
-# --- responses --------------------------------------------------------------------------
+# --- files, jobs, models: responses -----------------------------------------------------
 
 
-class FileObject(_Open):
+class FileObject(_Strict):
     id: str
     object: Literal["file"] = "file"
     bytes: int
@@ -81,42 +105,44 @@ class FileObject(_Open):
     task: str | None = None
     n_rows: int | None = None
     sha256: str
+    report: dict[str, Any] | None = None  # the validation report (format, task, warnings)
 
 
-class FileList(_Open):
-    object: Literal["list"] = "list"
-    data: list[FileObject]
-    has_more: bool
-    count: int
-    first_id: str | None = None
-    last_id: str | None = None
-
-
-class DeletedObject(_Open):
+class DeletedObject(_Strict):
     id: str
-    object: str
+    object: Literal["file", "model"]
     deleted: bool
 
 
-class JobError(_Open):
+class JobError(_Strict):
     code: str
     message: str
     param: str | None = None
 
 
-class Progress(_Open):
+class Progress(_Strict):
     step: int
     total_steps: int | None
     percent: float | None
     eta_seconds: int | None
 
 
-class Sparsity(_Open):
+class Sparsity(_Strict):
     target: float | None
     measured: float | None
 
 
-class JobObject(_Open):
+class FineGatesMethod(_Strict):
+    task: str
+    hyperparameters: dict[str, Any]
+
+
+class JobMethod(_Strict):
+    type: Literal["finegates"] = "finegates"
+    finegates: FineGatesMethod
+
+
+class JobObject(_Strict):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     created_at: int
@@ -125,7 +151,7 @@ class JobObject(_Open):
     fine_tuned_model: str | None
     organization_id: str
     result_files: list[str]
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     validation_file: str | None
     training_file: str
     hyperparameters: dict[str, Any]
@@ -134,9 +160,9 @@ class JobObject(_Open):
     estimated_finish: int | None
     seed: int
     metadata: dict[str, str] | None
-    method: dict[str, Any]
+    method: JobMethod
     suffix: str | None
-    integrations: list[Any] = Field(default_factory=list)
+    integrations: list[dict[str, Any]] = Field(default_factory=list)
     task: str
     progress: Progress
     sparsity: Sparsity
@@ -146,30 +172,17 @@ class JobObject(_Open):
     cancel_requested: bool
 
 
-class JobList(_Open):
-    object: Literal["list"] = "list"
-    data: list[JobObject]
-    has_more: bool
-    count: int | None = None
-
-
-class JobEventObject(_Open):
+class JobEventObject(_Strict):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     created_at: int
-    level: str
+    level: Literal["info", "warning", "error"]
     message: str
-    type: str
+    type: Literal["message", "metrics"]
     data: dict[str, Any] | None = None
 
 
-class EventList(_Open):
-    object: Literal["list"] = "list"
-    data: list[JobEventObject]
-    has_more: bool
-
-
-class CheckpointObject(_Open):
+class CheckpointObject(_Strict):
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
     created_at: int
@@ -179,19 +192,11 @@ class CheckpointObject(_Open):
     metrics: dict[str, Any]
 
 
-class CheckpointList(_Open):
-    object: Literal["list"] = "list"
-    data: list[CheckpointObject]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
-
-
-class MetricPoint(_Open):
+class MetricPoint(_Strict):
     id: str
     object: Literal["fine_tuning.job.metric"] = "fine_tuning.job.metric"
     created_at: int
-    kind: str
+    kind: Literal["train", "eval"]
     step: int
     loss: float | None
     lr: float | None
@@ -199,25 +204,145 @@ class MetricPoint(_Open):
     metrics: dict[str, Any]
 
 
-class MetricList(_Open):
-    object: Literal["list"] = "list"
-    data: list[MetricPoint]
-    has_more: bool
-
-
-class ModelObject(_Open):
+class ModelObject(_Strict):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
     kind: Literal["base", "fine-tuned"]
     family: str | None = None
+    description: str | None = None
     task: str | None = None
     base_model: str | None = None
     job_id: str | None = None
     compression: dict[str, Any] | None = None
 
 
-class ModelList(_Open):
+class ModelList(_Strict):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+# --- inference requests -----------------------------------------------------------------
+
+
+class ClassifyRequest(_Lenient):
+    model: str = Field(min_length=1)
+    # TEI's convention: a text, a [text, text_pair], or a batch of [text] / [text, pair]
+    input: str | list[str | list[str]]
+    truncate: bool = False
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Lenient):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str]
+
+
+class ContentPart(_Lenient):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        """The text parts of the content; ``developer`` is OpenAI's newer name for system."""
+        if isinstance(self.content, list):
+            text = "".join(p.text or "" for p in self.content if p.type == "text")
+        else:
+            text = self.content or ""
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# --- inference responses ----------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+class Classification(_Strict):
+    object: Literal["classification"] = "classification"
+    index: int
+    label: str | None  # None for a regression head
+    score: float
+    scores: dict[str, float]
+
+
+class ClassifyUsage(_Strict):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class ClassificationList(_Strict):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Classification]
+    usage: ClassifyUsage
+
+
+class Usage(_Strict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(_Strict):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class Completion(_Strict):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(_Strict):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Strict):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Strict):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage

@@ -1,7 +1,8 @@
-"""Blob storage for uploads and artifacts behind a small interface.
+"""Blob storage for uploads: a directory addressed by keys (``files/<tenant>/<id>.jsonl``).
 
-Why an interface: the embedded default keeps blobs in a local directory, while a deployment
-may mount shared storage; routes and workers only speak in keys (``files/<tenant>/<id>.jsonl``).
+Why keys rather than paths in the database: a deployment mounts the same shared storage
+at any path on the API and on every worker (docker-compose.yml's data volume); a key
+resolves under whichever root the process was given, and cannot escape it.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
 
 
 class TooLargeError(Exception):
@@ -29,24 +29,6 @@ class StoredBlob:
     key: str
     size: int
     sha256: str
-
-
-class Storage(Protocol):
-    def put_stream(
-        self, key: str, chunks: Iterable[bytes], max_bytes: int | None
-    ) -> StoredBlob: ...
-
-    async def put_async_stream(
-        self, key: str, chunks: AsyncIterable[bytes], max_bytes: int | None
-    ) -> StoredBlob: ...
-
-    def open(self, key: str) -> BinaryIO: ...
-
-    def delete(self, key: str) -> None: ...
-
-    def path(self, key: str) -> Path: ...
-
-    def exists(self, key: str) -> bool: ...
 
 
 class _Writer:
@@ -103,24 +85,9 @@ class LocalStorage:
             raise
         return w.commit(key)
 
-    async def put_async_stream(
-        self, key: str, chunks: AsyncIterable[bytes], max_bytes: int | None
-    ) -> StoredBlob:
-        w = _Writer(self.path(key), max_bytes)
-        try:
-            async for chunk in chunks:
-                w.write(chunk)
-        except BaseException:
-            w.abort()
-            raise
-        return w.commit(key)
-
     def writer(self, key: str, max_bytes: int | None) -> _Writer:
         """A push-style writer (used by the streaming multipart parser)."""
         return _Writer(self.path(key), max_bytes)
-
-    def open(self, key: str) -> BinaryIO:
-        return self.path(key).open("rb")
 
     def delete(self, key: str) -> None:
         p = self.path(key)
@@ -128,6 +95,3 @@ class LocalStorage:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-
-    def exists(self, key: str) -> bool:
-        return self.path(key).exists()

@@ -156,7 +156,7 @@ def _worker_child() -> int:
     callback.JobCallback.on_step = on_step  # type: ignore[method-assign]
     callback.JobCallback.flush = flush  # type: ignore[method-assign]
 
-    from api.cli import main
+    from worker.cli import main
 
     return main(["worker", "--queues", "gpu,cpu", "--loglevel", "INFO"])
 

@@ -1,20 +1,25 @@
-"""`finegates train` (and, when core.cli_prune exists, prune/export/bench) without the service.
+"""The engine commands `finegates train | prune | export | bench`, usable without the service.
 
-Why ``main(argv)`` returns an exit code instead of calling sys.exit deep inside: the
-service's console script (api/cli.py) delegates engine commands here and must be able to
-reuse it. User errors (bad data, bad hyperparameters, unknown model) print one line that
-names the file/line or the parameter on stderr and exit 2; internal faults exit 1.
+``register(subparsers)`` adds them to a parser: the ``finegates`` console script
+(worker/cli.py) composes them with the service commands, and ``python -m core.cli`` runs
+them alone. Registering only declares arguments; every handler imports what it needs
+when it runs, so ``finegates train --help`` loads neither torch nor the service stack.
+
+Why ``run(args)`` returns an exit code instead of calling sys.exit deep inside: the
+composed CLI reuses it. User errors (bad data, bad hyperparameters, unknown model) print
+one line that names the file/line or the parameter on stderr and exit 2; internal faults
+exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from core import cli_prune
 from core.callbacks import CheckpointRecord, EvalRecord, StepRecord
 from core.errors import ConfigError, FineGatesError
 
@@ -151,26 +156,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def register(subparsers: Any) -> None:
+    """Add train, prune, export and bench to ``subparsers`` (an ``add_subparsers()`` result)."""
+    _add_train(subparsers)
+    cli_prune.register(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The engine commands alone (``python -m core.cli``)."""
     parser = argparse.ArgumentParser(
         prog="finegates", description="FineGates: finetune while compressing"
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    _add_train(sub)
-    try:
-        extra = importlib.import_module("core.cli_prune")
-    except ModuleNotFoundError as exc:
-        if exc.name != "core.cli_prune":
-            raise
-    else:
-        extra.register(sub)
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command (``args.func``); engine errors become one line and an exit code."""
     try:
         return int(args.func(args) or 0)
     except FineGatesError as exc:
@@ -182,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -81,13 +81,10 @@ class JobCallback:
         self.clock = clock
         self.stop_reason: str | None = None
         self.last_step: StepRecord | None = None
-        self.last_eval: EvalRecord | None = None
-        self.checkpoints: list[CheckpointRecord] = []
         self.flushes = 0
         self._metrics: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
         self._measured: float | None = None
-        self._dirty = False
         self._steps_seen = 0
         self._last_flush = clock()
         self._lock = threading.Lock()
@@ -114,7 +111,6 @@ class JobCallback:
                     "created_at": utcnow(),
                 }
             )
-            self._dirty = True
             due = (
                 self._steps_seen == 0
                 or len(self._metrics) >= self.flush_max_records
@@ -127,7 +123,6 @@ class JobCallback:
 
     def on_eval(self, record: EvalRecord) -> bool | None:
         with self._lock:
-            self.last_eval = record
             self._measured = _finite(record.measured_sparsity)
             metrics = {k: _finite(v) for k, v in record.metrics.items()}
             self._metrics.append(
@@ -162,12 +157,10 @@ class JobCallback:
                     "created_at": utcnow(),
                 }
             )
-            self._dirty = True
         self.flush()
         return self._go_on()
 
     def on_checkpoint(self, record: CheckpointRecord) -> bool | None:
-        self.checkpoints.append(record)
         self.flush()
         metrics = {k: _finite(v) for k, v in (record.metrics or {}).items()}
         if record.measured_sparsity is not None:
@@ -193,7 +186,6 @@ class JobCallback:
             self._events.append(
                 {"message": message, "level": level, "data": data, "created_at": utcnow()}
             )
-            self._dirty = True
 
     def flush(self, *, step_event: bool = False, blocking: bool = True) -> bool:
         """Write buffered records + progress + heartbeat in one transaction.
@@ -254,7 +246,6 @@ class JobCallback:
                     self._metrics = keep + self._metrics[-_MAX_BUFFER // 2 :]
                 return False
             self._metrics, self._events = [], []
-            self._dirty = False
             self._last_flush = self.clock()
             self.flushes += 1
             if not ack.owned:

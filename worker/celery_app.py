@@ -1,16 +1,8 @@
-"""The Celery app, built from Settings (never at import time).
+"""The worker's consuming Celery app, built from Settings (never at import time).
 
-Broker choice:
-- production: Redis (``FINEGATES_BROKER_URL=redis://...``), with a visibility timeout
-  longer than the longest job so an unacknowledged job is never redelivered while it
-  still runs (Celery's guide; the claim guard in the task makes a late duplicate harmless).
-- embedded default: kombu's SQLAlchemy transport on its own SQLite file
-  (``sqla+sqlite:///<data_dir>/broker.sqlite``). Why not the filesystem transport: it
-  renames a message file and reads it without the writer's lock, so a poll can catch a
-  half-written message; the SQLAlchemy transport takes and hides a message in one
-  ``BEGIN IMMEDIATE`` transaction. Both lose a message whose worker is SIGKILLed (neither
-  restores unacked messages), which is why the reaper (worker/reaper.py) requeues jobs
-  with a stale heartbeat instead of relying on the broker for crash recovery.
+The task name, the queues, the serializer and the broker options come from
+``api.queue`` (the API publishes with the same definitions); what is added here only
+concerns a process that consumes: the solo pool, prefetch, remote control, logging.
 
 Always real Celery with a separate worker process: no eager mode, no in-memory queue.
 ``celery -A worker.celery_app worker`` finds ``app`` through the module ``__getattr__``
@@ -24,13 +16,12 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+
+from api.queue import broker_url_for, is_embedded_broker, new_celery, reset_producers
 
 if TYPE_CHECKING:
     from api.settings import Settings
 
-TASK_RUN_JOB = "finegates.run_job"
-QUEUES = ("gpu", "cpu")
 # How often a worker on the embedded SQL broker looks for a message (kombu's default is
 # 1 s, i.e. half a second of queue wait on average before a job even starts). An idle
 # poll is one small transaction per queue on the broker's SQLite file.
@@ -40,57 +31,19 @@ _lock = threading.Lock()
 _apps: dict[str, Celery] = {}
 
 
-def broker_url_for(settings: Settings) -> str:
-    """The configured broker, else the server-less embedded one under data_dir."""
-    if settings.broker_url:
-        return settings.broker_url
-    return f"sqla+sqlite:///{settings.data_path / 'broker.sqlite'}"
-
-
-def is_embedded_broker(url: str) -> bool:
-    return url.startswith(("sqla+", "sqlalchemy+", "filesystem:"))
-
-
 def make_celery(settings: Settings) -> Celery:
-    """A Celery app for the API (producer) and the worker (consumer), from one Settings."""
+    """The consuming app: ``api.queue``'s shared options plus the worker's own."""
     url = broker_url_for(settings)
     embedded = is_embedded_broker(url)
-    if url.startswith("sqla+sqlite:///"):
-        settings.data_path.mkdir(parents=True, exist_ok=True)
     if url.startswith(("sqla+", "sqlalchemy+")):
         _set_sql_poll_interval(EMBEDDED_POLL_INTERVAL_S)
-    app = Celery("finegates", broker=url, include=["worker.tasks"])
-    transport_options: dict[str, Any] = {}
-    if url.startswith(("redis://", "rediss://")):
-        # Longer than any job: Redis redelivers an unacked message after this long.
-        transport_options["visibility_timeout"] = int(settings.max_job_seconds) + 3600
-    # The SQLAlchemy transport passes every transport option to create_engine(), so it
-    # gets none (its poll interval is set on the class instead: _set_sql_poll_interval).
+    app = new_celery(settings, include=["worker.tasks"])
     app.conf.update(
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
-        broker_heartbeat=30,  # AMQP brokers; Redis and SQL ignore it
-        # JSON only: a pickle payload would let whoever reaches the broker run code.
-        task_serializer="json",
-        result_serializer="json",
-        event_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        # State lives in the database; Celery results are not needed.
-        task_ignore_result=True,
-        result_backend=None,
-        # Long jobs: ack after the task returns, one job at a time per worker process.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
+        # One job at a time per worker process.
         worker_prefetch_multiplier=1,
         # A broker hiccup must not kill an hours-long training run; duplicates are
         # rejected by the guarded claim.
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
-        task_default_queue="cpu",
-        task_default_exchange="cpu",
-        task_default_routing_key="cpu",
-        task_create_missing_queues=False,
         # Solo pool: the job runs in the worker's main process, so a warm shutdown can
         # ask the training loop to checkpoint and stop (worker/tasks.py), and a SIGKILL
         # takes the whole job down at once (no orphaned pool child holding the GPU).
@@ -104,7 +57,6 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
-    app.conf.finegates_embedded = embedded
     return app
 
 
@@ -118,11 +70,8 @@ def _set_sql_poll_interval(seconds: float) -> None:
 
 
 def get_app(settings: Settings | None = None) -> Celery:
-    """The process-wide app for these settings (default: ``api.settings.get_settings()``).
-
-    Cached per broker URL: the API publishes with the app of its own settings object,
-    which tests may build per test.
-    """
+    """The process-wide app for these settings (default: ``api.settings.get_settings()``),
+    cached per broker URL."""
     if settings is None:
         from api.settings import get_settings
 
@@ -136,9 +85,10 @@ def get_app(settings: Settings | None = None) -> Celery:
 
 
 def reset_app() -> None:
-    """Forget cached apps (tests, and ``finegates serve`` after changing settings)."""
+    """Forget cached apps, consuming and publishing (tests that build a broker each)."""
     with _lock:
         _apps.clear()
+    reset_producers()
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -23,42 +24,36 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import jobstate
 from api.db.models import Job
 from api.db.session import session_scope
+from api.queue import Publish, publish
 
 if TYPE_CHECKING:
     from api.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Enqueue = Callable[..., None]
-
-
-def _default_enqueue(job_id: str, queue: str | None = None) -> None:
-    from worker.dispatch import enqueue_job
-
-    enqueue_job(job_id, queue=queue)
-
 
 def reap_once(
     settings: Settings,
     session_factory: sessionmaker[Session],
-    enqueue: Enqueue | None = None,
+    enqueue: Publish | None = None,
 ) -> list[jobstate.ReapedJob]:
     """One pass: stale running jobs -> queued (re-published) / failed / cancelled."""
     with session_scope(session_factory) as s:
         reaped = jobstate.requeue_stale(
             s, float(settings.heartbeat_timeout_s), int(settings.job_max_attempts)
         )
+    send = enqueue or partial(publish, settings=settings)
     for r in reaped:
         log.warning("reaper: job %s -> %s", r.job_id, r.status)
         if r.status == jobstate.QUEUED:
-            (enqueue or _default_enqueue)(r.job_id, queue=r.queue)
+            send(r.job_id, r.queue)
     return reaped
 
 
 def republish_queued(
     session_factory: sessionmaker[Session],
     queues: Iterable[str],
-    enqueue: Enqueue | None = None,
+    enqueue: Publish | None = None,
 ) -> list[str]:
     """Publish every queued job of ``queues`` again (duplicates are skipped by the claim).
 
@@ -71,8 +66,9 @@ def republish_queued(
             .where(Job.status == jobstate.QUEUED, Job.queue.in_(list(queues)))
             .order_by(Job.pk)
         ).all()
+    send = enqueue or publish
     for job_id, queue in rows:
-        (enqueue or _default_enqueue)(job_id, queue=queue)
+        send(job_id, queue)
     return [r[0] for r in rows]
 
 
@@ -86,14 +82,14 @@ class Reaper(threading.Thread):
         settings: Settings,
         session_factory: sessionmaker[Session],
         queues: Iterable[str] = ("cpu", "gpu"),
-        enqueue: Enqueue | None = None,
+        enqueue: Publish | None = None,
         republish: bool = True,
     ):
         super().__init__(name="finegates-reaper", daemon=True)
         self.settings = settings
         self.session_factory = session_factory
         self.queues = list(queues)
-        self.enqueue = enqueue
+        self.enqueue: Publish = enqueue or partial(publish, settings=settings)
         self.republish = republish
         self.interval = reaper_interval(settings)
         self.stop_event = threading.Event()

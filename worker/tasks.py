@@ -36,9 +36,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import jobstate
 from api.db.models import File, Job, utcnow
 from api.db.session import make_sessionmaker, session_scope
+from api.queue import TASK_RUN_JOB, Publish, publish
 from api.storage import LocalStorage
 from worker.callback import HeartbeatThread, JobCallback, JobLost
-from worker.celery_app import TASK_RUN_JOB
 
 if TYPE_CHECKING:
     from api.settings import Settings
@@ -230,7 +230,7 @@ def execute_job(
     session_factory: sessionmaker[Session] | None = None,
     worker_id: str | None = None,
     shutdown: threading.Event | None = None,
-    enqueue: Any = None,
+    enqueue: Publish | None = None,
 ) -> JobOutcome:
     """Run one delivery of ``job_id`` to its end (or to a clean stop)."""
     if settings is None:
@@ -284,7 +284,7 @@ def _run_claimed(
     storage: LocalStorage,
     cb: JobCallback,
     me: str,
-    enqueue: Any,
+    enqueue: Publish | None,
 ) -> JobOutcome:
     from core.errors import FineGatesError
 
@@ -373,7 +373,7 @@ def _run_claimed(
 
 
 def _stopped(
-    job_id: str, cb: JobCallback, factory: sessionmaker[Session], me: str, enqueue: Any
+    job_id: str, cb: JobCallback, factory: sessionmaker[Session], me: str, enqueue: Publish | None
 ) -> JobOutcome:
     reason = cb.stop_reason
     with session_scope(factory) as s:
@@ -399,18 +399,12 @@ def _stopped(
             s, job_id, me, "Worker shutting down; job requeued to resume from its checkpoint"
         )
         row = s.execute(select(Job.queue, Job.status).where(Job.id == job_id)).one_or_none()
-    if released:
-        (enqueue or _default_enqueue)(job_id, queue=row[0] if row else None)
+    if released and row is not None:
+        (enqueue or publish)(job_id, row[0])
         return JobOutcome("requeued")
     if row is not None and row[1] == jobstate.CANCELLED:
         return JobOutcome("cancelled")  # cancel requested before the shutdown: not requeued
     return JobOutcome("lost", "the job left this worker during shutdown")
-
-
-def _default_enqueue(job_id: str, queue: str | None = None) -> None:
-    from worker.dispatch import enqueue_job
-
-    enqueue_job(job_id, queue=queue)
 
 
 @shared_task(name=TASK_RUN_JOB, acks_late=True, ignore_result=True)

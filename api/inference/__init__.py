@@ -6,6 +6,6 @@ the standalone ``finegates serve-inference`` process around the same router.
 
 from .backends import ModelSpec
 from .config import InferenceConfig
-from .engine import InferenceEngine, InferenceError, StaticResolver
+from .engine import InferenceEngine, StaticResolver
 
-__all__ = ["InferenceConfig", "InferenceEngine", "InferenceError", "ModelSpec", "StaticResolver"]
+__all__ = ["InferenceConfig", "InferenceEngine", "ModelSpec", "StaticResolver"]

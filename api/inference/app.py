@@ -22,7 +22,7 @@ def create_inference_app(settings: Any = None, engine: Any = None) -> FastAPI:
     from api.auth import AuthCache
     from api.db.session import make_engine, make_sessionmaker
     from api.errors import install_error_handlers
-    from api.routes import inference
+    from api.routes import inference, models
     from api.storage import LocalStorage
 
     if settings is None:
@@ -56,12 +56,8 @@ def create_inference_app(settings: Any = None, engine: Any = None) -> FastAPI:
         app.state.inference = engine
     install_error_handlers(app)
     app.include_router(inference.router, prefix="/v1")
-    try:  # the models listing, so openai's client.models.list() works against this process
-        from api.routes import models as models_routes
-
-        app.include_router(models_routes.router, prefix="/v1")
-    except ImportError:  # pragma: no cover - the API's models routes not installed
-        pass
+    # the models routes too, so openai's client.models.list() works against this process
+    app.include_router(models.router, prefix="/v1")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from api.errors import APIError
+
 from .backends import (
     CausalLMBackend,
     ClassifierBackend,
@@ -36,38 +38,8 @@ log = logging.getLogger(__name__)
 Resolver = Callable[[str | None, str], ModelSpec]
 
 
-class InferenceError(Exception):
-    """An error with an HTTP status, rendered in OpenAI's error shape by the routes."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-def model_not_found(model_id: str) -> InferenceError:
-    return InferenceError(
+def model_not_found(model_id: str) -> APIError:
+    return APIError(
         404,
         f"The model '{model_id}' does not exist or you do not have access to it.",
         param="model",
@@ -133,10 +105,10 @@ class InferenceEngine:
 
     def resolve(self, tenant_id: str | None, model_id: str) -> ModelSpec:
         if not isinstance(model_id, str) or not model_id:
-            raise InferenceError(400, "'model' is required and must be a string", param="model")
+            raise APIError(400, "'model' is required and must be a string", param="model")
         try:
             spec = self.resolver(tenant_id, model_id)
-        except InferenceError:
+        except APIError:
             raise
         except LookupError as exc:
             raise model_not_found(model_id) from exc
@@ -151,7 +123,7 @@ class InferenceEngine:
         try:
             return self.cache.get(key)
         except UnsupportedTaskError as exc:
-            raise InferenceError(400, str(exc), param="model", code="unsupported_model") from exc
+            raise APIError(400, str(exc), param="model", code="unsupported_model") from exc
 
     def resolve_and_load(self, tenant_id: str | None, model_id: str) -> LoadedModel:
         return self.get_loaded(self.resolve(tenant_id, model_id))
@@ -168,7 +140,7 @@ class InferenceEngine:
         if model.task != task:
             what = "a classification" if model.task == "classification" else "a causal LM"
             use = "/v1/classify" if model.task == "classification" else "/v1/completions"
-            raise InferenceError(
+            raise APIError(
                 400,
                 f"model '{model.spec.id}' is {what} model and cannot serve {route}; use {use}",
                 param="model",
@@ -188,9 +160,7 @@ class InferenceEngine:
                 None, backend.encode, list(inputs), truncate
             )
         except InputTooLongError as exc:
-            raise InferenceError(
-                400, str(exc), param=exc.param, code="context_length_exceeded"
-            ) from exc
+            raise APIError(400, str(exc), param=exc.param, code="context_length_exceeded") from exc
         assert model.runner is not None
         try:
             results = await model.runner.run(encoded)
@@ -208,7 +178,7 @@ class InferenceEngine:
         self, backend: CausalLMBackend, prompt_ids: list[int], max_tokens: int, param: str
     ) -> None:
         if len(prompt_ids) + max_tokens > backend.max_length:
-            raise InferenceError(
+            raise APIError(
                 400,
                 f"This model's maximum context length is {backend.max_length} tokens. However, "
                 f"you requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in "

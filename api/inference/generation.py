@@ -132,25 +132,6 @@ def generate_stream(
             logits = stepper.step(token)
 
 
-def generate_text(
-    stepper: Stepper,
-    prompt_ids: list[int],
-    decode: Callable[[list[int]], str],
-    params: SamplingParams,
-    eos_token_ids: Sequence[int] = (),
-    cancelled: Callable[[], bool] | None = None,
-) -> tuple[str, int, str]:
-    """Non-streaming wrapper: (text, completion_tokens, finish_reason)."""
-    parts: list[str] = []
-    tokens, reason = 0, "length"
-    for chunk in generate_stream(stepper, prompt_ids, decode, params, eos_token_ids, cancelled):
-        parts.append(chunk.text)
-        tokens = chunk.completion_tokens
-        if chunk.finish_reason is not None:
-            reason = chunk.finish_reason
-    return "".join(parts), tokens, reason
-
-
 def as_stop_list(stop: Any) -> list[str]:
     if stop is None:
         return []

@@ -48,16 +48,12 @@ class DbModelResolver:
 
             path = resolve_model(model_id, self.data_dir)
             return ModelSpec(id=model_id, path=Path(path), kind="dense", owner=None)
-        from sqlalchemy import select
+        from api.deps import find_owned_model
 
-        from api.db.models import FineTunedModel
-
+        if tenant_id is None:  # no caller, no finetuned models
+            raise LookupError(model_id)
         with self._session() as session:
-            row = session.execute(
-                select(FineTunedModel).where(
-                    FineTunedModel.id == model_id, FineTunedModel.tenant_id == tenant_id
-                )
-            ).scalar_one_or_none()
+            row = find_owned_model(session, model_id, tenant_id)
         if row is None:
             raise LookupError(model_id)
         path = Path(row.artifact_dir)

@@ -14,13 +14,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import func, select
+from sqlalchemy import select
 
+from api import pagination
 from api.db.models import File, Job, new_id
 from api.deps import OwnedFile, PrincipalDep, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError
 from api.jobstate import ACTIVE
-from api.schemas import DeletedObject, FileList, FileObject
+from api.schemas import CountedPage, DeletedObject, FileObject
 from api.storage import LocalStorage, StoredBlob, TooLargeError
 
 router = APIRouter(tags=["files"])
@@ -30,23 +31,21 @@ _SAFE_EXT = re.compile(r"^\.[a-z0-9]{1,8}$")
 _MAX_FIELD_BYTES = 4096
 
 
-def file_to_dict(f: File) -> dict[str, Any]:
-    return {
-        "id": f.id,
-        "object": "file",
-        "bytes": f.bytes,
-        "created_at": int(f.created_at.timestamp()),
-        "filename": f.filename,
-        "purpose": f.purpose,
-        "status": f.status,
-        "status_details": f.status_details,
-        "expires_at": None,
-        "format": f.format,
-        "task": f.task,
-        "n_rows": f.n_rows,
-        "sha256": f.sha256,
-        "report": f.report,
-    }
+def file_object(f: File) -> FileObject:
+    return FileObject(
+        id=f.id,
+        bytes=f.bytes,
+        created_at=int(f.created_at.timestamp()),
+        filename=f.filename,
+        purpose=f.purpose,
+        status=f.status,
+        status_details=f.status_details,
+        format=f.format,
+        task=f.task,
+        n_rows=f.n_rows,
+        sha256=f.sha256,
+        report=f.report,
+    )
 
 
 class _MultipartSink:
@@ -167,7 +166,7 @@ async def upload_file(
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
-) -> dict[str, Any]:
+) -> FileObject:
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
@@ -277,10 +276,10 @@ async def upload_file(
     except BaseException:
         sink.abort()
         raise
-    return file_to_dict(row)
+    return file_object(row)
 
 
-@router.get("/files", response_model=FileList)
+@router.get("/files", response_model=CountedPage[FileObject])
 def list_files(
     principal: PrincipalDep,
     session: SessionDep,
@@ -289,33 +288,29 @@ def list_files(
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
     purpose: str | None = None,
 ) -> dict[str, Any]:
-    q = select(File).where(File.tenant_id == principal.tenant_id)
+    """Newest first by default; ``count`` is the number of the caller's files (of ``purpose``)."""
+    tenant = principal.tenant_id
+    where = [File.tenant_id == tenant]
     if purpose:
-        q = q.where(File.purpose == purpose)
-    count_q = select(func.count()).select_from(q.subquery())
-    if after:
-        pk = session.execute(
-            select(File.pk).where(File.id == after, File.tenant_id == principal.tenant_id)
-        ).scalar_one_or_none()
-        if pk is None:
-            raise APIError(400, f"No file with id '{after}' to page after", param="after")
-        q = q.where(File.pk < pk if order == "desc" else File.pk > pk)
-    q = q.order_by(File.pk.desc() if order == "desc" else File.pk.asc()).limit(limit + 1)
-    rows = list(session.execute(q).scalars())
-    data = [file_to_dict(f) for f in rows[:limit]]
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": len(rows) > limit,
-        "count": session.execute(count_q).scalar_one(),
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+        where.append(File.purpose == purpose)
+    cursor = pagination.cursor_key(
+        session, after, File.pk, File.id == after, File.tenant_id == tenant, kind="file"
+    )
+    page = pagination.paginate(
+        session,
+        select(File).where(*where),
+        File.pk,
+        lambda row: file_object(row[0]),
+        after=cursor,
+        limit=limit,
+        descending=order == "desc",
+    )
+    return {**page, "count": pagination.count(session, select(File.pk).where(*where))}
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
-def get_file(f: OwnedFile) -> dict[str, Any]:
-    return file_to_dict(f)
+def get_file(f: OwnedFile) -> FileObject:
+    return file_object(f)
 
 
 @router.get("/files/{file_id}/content", response_class=StreamingResponse)
@@ -340,7 +335,7 @@ def get_file_content(f: OwnedFile, storage: StorageDep) -> StreamingResponse:
 
 
 @router.delete("/files/{file_id}", response_model=DeletedObject)
-def delete_file(f: OwnedFile, session: SessionDep, storage: StorageDep) -> dict[str, Any]:
+def delete_file(f: OwnedFile, session: SessionDep, storage: StorageDep) -> DeletedObject:
     busy = session.execute(
         select(Job.id)
         .where(
@@ -362,4 +357,4 @@ def delete_file(f: OwnedFile, session: SessionDep, storage: StorageDep) -> dict[
     session.delete(f)
     session.commit()
     storage.delete(key)
-    return {"id": f.id, "object": "file", "deleted": True}
+    return DeletedObject(id=f.id, object="file", deleted=True)

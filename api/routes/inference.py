@@ -1,29 +1,46 @@
 """Hosted inference routes: /v1/classify, /v1/completions, /v1/chat/completions.
 
 Request and response bodies follow OpenAI's shapes (classification follows TEI's input
-convention). Bodies are parsed here rather than by FastAPI so every bad request gets
-OpenAI's error shape with ``param`` naming the field, whichever app mounts this router
-(the API, or the standalone inference app).
+convention); their models are in api/schemas.py. A bad body answers OpenAI's error shape
+with ``param`` naming the field through the error handlers of api/errors.py, which both
+apps that mount this router (the API, and the standalone inference app) install.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import StreamingResponse
 
 from api.deps import PrincipalDep
+from api.errors import APIError
 from api.inference.config import InferenceConfig
-from api.inference.engine import InferenceEngine, InferenceError, LoadedModel
+from api.inference.engine import InferenceEngine, LoadedModel
 from api.inference.generation import SamplingParams, as_stop_list
+from api.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Classification,
+    ClassificationList,
+    ClassifyRequest,
+    ClassifyUsage,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    SamplingRequest,
+    Usage,
+)
 
+log = logging.getLogger("finegates.inference")
 router = APIRouter(tags=["inference"])
 
 _ENGINE_LOCK = threading.Lock()
@@ -57,60 +74,6 @@ def get_engine(request: Request) -> InferenceEngine:
 EngineDep = Annotated[InferenceEngine, Depends(get_engine)]
 
 
-# ---------------------------------------------------------------- request bodies
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are ignored, not errors
-
-
-class ClassifyRequest(_Body):
-    model: str
-    input: str | list[str | list[str]]
-    truncate: bool = False
-
-
-class _SamplingBody(_Body):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = Field(1, ge=1, le=1)
-
-
-class CompletionRequest(_SamplingBody):
-    prompt: str | list[str]
-
-
-class ChatCompletionRequest(_SamplingBody):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    try:
-        raw = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InferenceError(400, f"request body is not valid JSON: {exc}") from exc
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith("function-")]
-        # drop pydantic's union-branch labels ("str", "list[...]") from the location
-        loc = [p for p in loc if not (p.startswith(("str", "list[", "int", "dict[")) or p == "")]
-        param = ".".join(loc) or None
-        raise InferenceError(400, f"{param or 'body'}: {first.get('msg')}", param=param) from exc
-
-
-def _error(exc: InferenceError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
 def _normalize_inputs(raw: str | list[Any]) -> list[str | tuple[str, str]]:
     """TEI convention: str; [a, b] = one pair; [[a], [a, b], ...] = a batch."""
     if isinstance(raw, str):
@@ -128,7 +91,7 @@ def _normalize_inputs(raw: str | list[Any]) -> list[str | tuple[str, str]]:
         elif len(item) == 2:
             out.append((item[0], item[1]))
         else:
-            raise InferenceError(
+            raise APIError(
                 400,
                 f"input[{i}] has {len(item)} texts; each input is a text or a [text, text_pair]",
                 param=f"input[{i}]",
@@ -139,44 +102,42 @@ def _normalize_inputs(raw: str | list[Any]) -> list[str | tuple[str, str]]:
 # ---------------------------------------------------------------- classify
 
 
-@router.post("/classify")
-async def classify(request: Request, principal: PrincipalDep, engine: EngineDep) -> Any:
+@router.post("/classify", response_model=ClassificationList)
+async def classify(
+    body: ClassifyRequest, principal: PrincipalDep, engine: EngineDep
+) -> ClassificationList:
     """Label, score and every label's score for each input (micro-batched across callers)."""
-    try:
-        body: ClassifyRequest = await _parse(request, ClassifyRequest)
-        inputs = _normalize_inputs(body.input)
-        if not inputs:
-            raise InferenceError(400, "input must not be empty", param="input")
-        cap = engine.config.max_inputs_per_request
-        if len(inputs) > cap:
-            raise InferenceError(
-                400,
-                f"input has {len(inputs)} items; at most {cap} per request",
-                param="input",
-                code="too_many_inputs",
-            )
-        model = await engine.load(principal.tenant_id, body.model)
-        engine.require_task(model, "classification", "/v1/classify")
-        results, tokens = await engine.classify(model, inputs, body.truncate)
-    except InferenceError as exc:
-        return _error(exc)
-    data = [{"object": "classification", "index": i, **r} for i, r in enumerate(results)]
-    return {
-        "object": "list",
-        "model": model.spec.id,
-        "data": data,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+    inputs = _normalize_inputs(body.input)
+    if not inputs:
+        raise APIError(400, "input must not be empty", param="input")
+    cap = engine.config.max_inputs_per_request
+    if len(inputs) > cap:
+        raise APIError(
+            400,
+            f"input has {len(inputs)} items; at most {cap} per request",
+            param="input",
+            code="too_many_inputs",
+        )
+    model = await engine.load(principal.tenant_id, body.model)
+    engine.require_task(model, "classification", "/v1/classify")
+    results, tokens = await engine.classify(model, inputs, body.truncate)
+    return ClassificationList(
+        model=model.spec.id,
+        data=[Classification(index=i, **r) for i, r in enumerate(results)],
+        usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens),
+    )
 
 
 # ---------------------------------------------------------------- generation
 
 
-def _params(body: _SamplingBody, engine: InferenceEngine, max_tokens: int | None) -> SamplingParams:
+def _params(
+    body: SamplingRequest, engine: InferenceEngine, max_tokens: int | None
+) -> SamplingParams:
     cap = engine.config.max_tokens_cap
     wanted = max_tokens if max_tokens is not None else engine.config.default_max_tokens
     if wanted > cap:
-        raise InferenceError(
+        raise APIError(
             400,
             f"max_tokens is {wanted}; this server allows at most {cap}",
             param="max_tokens",
@@ -184,7 +145,7 @@ def _params(body: _SamplingBody, engine: InferenceEngine, max_tokens: int | None
         )
     stop = as_stop_list(body.stop)
     if len(stop) > 4:
-        raise InferenceError(400, "stop takes at most 4 sequences", param="stop")
+        raise APIError(400, "stop takes at most 4 sequences", param="stop")
     return SamplingParams(
         max_tokens=wanted,
         temperature=body.temperature,
@@ -198,12 +159,10 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
+def _usage(prompt: int, completion: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 async def _load_lm(engine: InferenceEngine, tenant_id: str, model_id: str, route: str) -> Any:
@@ -212,63 +171,39 @@ async def _load_lm(engine: InferenceEngine, tenant_id: str, model_id: str, route
     return model
 
 
-def _message_text(message: dict[str, Any], i: int) -> dict[str, str]:
-    role = message.get("role")
-    if role not in {"system", "developer", "user", "assistant", "tool"}:
-        raise InferenceError(
+@router.post("/completions", response_model=Completion)
+async def completions(
+    body: CompletionRequest, request: Request, principal: PrincipalDep, engine: EngineDep
+) -> Any:
+    """A completion per prompt, or (``stream: true``, one prompt) server-sent chunks."""
+    params = _params(body, engine, body.max_tokens)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if not prompts:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if len(prompts) > engine.config.max_prompts_per_request:
+        raise APIError(
             400,
-            f"messages[{i}].role must be system, user or assistant, got {role!r}",
-            param=f"messages[{i}].role",
+            f"prompt has {len(prompts)} items; at most "
+            f"{engine.config.max_prompts_per_request} per request",
+            param="prompt",
         )
-    content = message.get("content")
-    if isinstance(content, list):  # content parts: keep the text ones
-        content = "".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    if content is None:
-        content = ""
-    if not isinstance(content, str):
-        raise InferenceError(
-            400, f"messages[{i}].content must be a string", param=f"messages[{i}].content"
-        )
-    return {"role": "system" if role == "developer" else role, "content": content}
-
-
-@router.post("/completions")
-async def completions(request: Request, principal: PrincipalDep, engine: EngineDep) -> Any:
-    try:
-        body: CompletionRequest = await _parse(request, CompletionRequest)
-        params = _params(body, engine, body.max_tokens)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if not prompts:
-            raise InferenceError(400, "prompt must not be empty", param="prompt")
-        if len(prompts) > engine.config.max_prompts_per_request:
-            raise InferenceError(
-                400,
-                f"prompt has {len(prompts)} items; at most "
-                f"{engine.config.max_prompts_per_request} per request",
-                param="prompt",
-            )
-        if body.stream and len(prompts) > 1:
-            raise InferenceError(400, "stream: true takes a single prompt", param="prompt")
-        model = await _load_lm(engine, principal.tenant_id, body.model, "/v1/completions")
-        backend = model.backend
-        encoded = [backend.encode_prompt(p) for p in prompts]
-        for ids in encoded:
-            engine.check_generation(backend, ids, params.max_tokens, "prompt")
-    except InferenceError as exc:
-        return _error(exc)
+    if body.stream and len(prompts) > 1:
+        raise APIError(400, "stream: true takes a single prompt", param="prompt")
+    model = await _load_lm(engine, principal.tenant_id, body.model, "/v1/completions")
+    backend = model.backend
+    encoded = [backend.encode_prompt(p) for p in prompts]
+    for ids in encoded:
+        engine.check_generation(backend, ids, params.max_tokens, "prompt")
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    base = {"id": rid, "object": "text_completion", "created": created, "model": model.spec.id}
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
     if body.stream:
+        base = {"id": rid, "object": "text_completion", "created": created, "model": model.spec.id}
         return _stream_response(
             request,
             engine,
             backend,
             encoded[0],
             params,
-            include_usage,
+            body.include_usage,
             lambda text, reason: {
                 **base,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
@@ -278,28 +213,32 @@ async def completions(request: Request, principal: PrincipalDep, engine: EngineD
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for i, ids in enumerate(encoded):
         text, n, reason = await engine.generate(backend, ids, params)
-        choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+        choices.append(CompletionChoice(index=i, text=text, finish_reason=cast(Any, reason)))
         prompt_tokens += len(ids)
         completion_tokens += n
-    return {**base, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+    return Completion(
+        id=rid,
+        created=created,
+        model=model.spec.id,
+        choices=choices,
+        usage=_usage(prompt_tokens, completion_tokens),
+    )
 
 
-@router.post("/chat/completions")
-async def chat_completions(request: Request, principal: PrincipalDep, engine: EngineDep) -> Any:
-    try:
-        body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
-        params = _params(body, engine, body.max_completion_tokens or body.max_tokens)
-        messages = [_message_text(m, i) for i, m in enumerate(body.messages)]
-        model = await _load_lm(engine, principal.tenant_id, body.model, "/v1/chat/completions")
-        backend = model.backend
-        ids = backend.encode_chat(messages)
-        engine.check_generation(backend, ids, params.max_tokens, "messages")
-    except InferenceError as exc:
-        return _error(exc)
+@router.post("/chat/completions", response_model=ChatCompletion)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, principal: PrincipalDep, engine: EngineDep
+) -> Any:
+    """One assistant message, or (``stream: true``) server-sent ``chat.completion.chunk``s."""
+    params = _params(body, engine, body.max_completion_tokens or body.max_tokens)
+    messages = [m.as_template_message() for m in body.messages]
+    model = await _load_lm(engine, principal.tenant_id, body.model, "/v1/chat/completions")
+    backend = model.backend
+    ids = backend.encode_chat(messages)
+    engine.check_generation(backend, ids, params.max_tokens, "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    base = {"id": rid, "created": created, "model": model.spec.id}
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
     if body.stream:
+        base = {"id": rid, "created": created, "model": model.spec.id}
         first = {"value": True}
 
         def chunk(text: str, reason: str | None) -> dict[str, Any]:
@@ -321,24 +260,24 @@ async def chat_completions(request: Request, principal: PrincipalDep, engine: En
             backend,
             ids,
             params,
-            include_usage,
+            body.include_usage,
             chunk,
             {**base, "object": "chat.completion.chunk"},
         )
     text, n, reason = await engine.generate(backend, ids, params)
-    return {
-        **base,
-        "object": "chat.completion",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": reason,
-            }
+    return ChatCompletion(
+        id=rid,
+        created=created,
+        model=model.spec.id,
+        choices=[
+            ChatChoice(
+                index=0,
+                message=AssistantMessage(content=text),
+                finish_reason=cast(Any, reason),
+            )
         ],
-        "usage": _usage(len(ids), n),
-    }
+        usage=_usage(len(ids), n),
+    )
 
 
 def _stream_response(
@@ -365,11 +304,12 @@ def _stream_response(
                     yield _sse(make_chunk(piece.text, piece.finish_reason))
             else:
                 if include_usage:
-                    usage = _usage(len(prompt_ids), completion_tokens)
+                    usage = _usage(len(prompt_ids), completion_tokens).model_dump()
                     yield _sse({**usage_base, "choices": [], "usage": usage})
                 yield "data: [DONE]\n\n"
-        except Exception as exc:  # noqa: BLE001 - the stream already started: report in-band
-            err = InferenceError(500, f"generation failed: {exc}", type="server_error")
+        except Exception:  # the stream already started: report in-band, details to the log
+            log.exception("generation failed mid-stream")
+            err = APIError(500, "The server had an error while generating; the output is cut off.")
             yield _sse(err.body())
             yield "data: [DONE]\n\n"
         finally:

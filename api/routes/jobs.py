@@ -12,24 +12,39 @@ import hashlib
 import json
 import logging
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api import jobstate
+from api import jobstate, pagination
 from api.db.models import Checkpoint, File, Job, JobEvent, JobMetric, new_id, utcnow
-from api.deps import OwnedJob, PrincipalDep, SessionDep, SettingsDep, StorageDep
-from api.errors import APIError, not_found
+from api.deps import (
+    OwnedJob,
+    PrincipalDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    base_models,
+    load_owned_file,
+)
+from api.errors import APIError
 from api.schemas import (
-    CheckpointList,
-    EventList,
+    CheckpointObject,
+    CountedPage,
+    FineGatesMethod,
     JobCreate,
-    JobList,
+    JobError,
+    JobEventObject,
+    JobMethod,
     JobObject,
-    MetricList,
+    JobStatus,
+    MetricPoint,
+    Page,
+    Progress,
+    Sparsity,
 )
 from api.settings import Settings
 from api.storage import LocalStorage
@@ -44,64 +59,54 @@ def _ts(dt: datetime | None) -> int | None:
     return int(dt.timestamp()) if dt is not None else None
 
 
-def job_to_dict(job: Job, queue_position: int | None = None) -> dict[str, Any]:
-    now = utcnow()
+def job_object(job: Job, queue_position: int | None = None) -> JobObject:
     total = job.total_steps
     step = job.step or 0
     percent = round(min(100.0, 100.0 * step / total), 2) if total else None
     if job.status == jobstate.SUCCEEDED:
         percent = 100.0
+    running = job.status == jobstate.RUNNING
     eta = None
-    if job.status == jobstate.RUNNING and job.estimated_finish is not None:
-        eta = max(0, int((job.estimated_finish - now).total_seconds()))
+    if running and job.estimated_finish is not None:
+        eta = max(0, int((job.estimated_finish - utcnow()).total_seconds()))
     error = None
     if job.error_code:
-        error = {
-            "code": job.error_code,
-            "message": job.error_message or "",
-            "param": job.error_param,
-        }
-    return {
-        "id": job.id,
-        "object": "fine_tuning.job",
-        "created_at": _ts(job.created_at),
-        "finished_at": _ts(job.finished_at),
-        "model": job.model,
-        "fine_tuned_model": job.fine_tuned_model,
-        "organization_id": job.tenant_id,
-        "result_files": [],
-        "status": job.status,
-        "validation_file": job.validation_file,
-        "training_file": job.training_file,
-        "hyperparameters": job.hyperparameters,
-        "trained_tokens": job.trained_tokens,
-        "error": error,
-        "estimated_finish": _ts(job.estimated_finish) if job.status == jobstate.RUNNING else None,
-        "seed": job.seed,
-        "metadata": job.metadata_,
-        "method": {
-            "type": "finegates",
-            "finegates": {"task": job.task, "hyperparameters": job.hyperparameters},
-        },
-        "suffix": job.suffix,
-        "integrations": [],
-        "task": job.task,
-        "progress": {
-            "step": step,
-            "total_steps": total,
-            "percent": percent,
-            "eta_seconds": eta,
-        },
-        "sparsity": {"target": job.target_sparsity, "measured": job.measured_sparsity},
-        "compression": job.compression,
-        "queue_position": queue_position,
-        "attempts": job.attempts,
-        "cancel_requested": bool(job.cancel_requested),
-    }
+        error = JobError(
+            code=job.error_code, message=job.error_message or "", param=job.error_param
+        )
+    return JobObject(
+        id=job.id,
+        created_at=int(job.created_at.timestamp()),
+        finished_at=_ts(job.finished_at),
+        model=job.model,
+        fine_tuned_model=job.fine_tuned_model,
+        organization_id=job.tenant_id,
+        result_files=[],
+        status=cast(JobStatus, job.status),
+        validation_file=job.validation_file,
+        training_file=job.training_file,
+        hyperparameters=job.hyperparameters,
+        trained_tokens=job.trained_tokens,
+        error=error,
+        estimated_finish=_ts(job.estimated_finish) if running else None,
+        seed=job.seed,
+        metadata=job.metadata_,
+        method=JobMethod(
+            finegates=FineGatesMethod(task=job.task, hyperparameters=job.hyperparameters)
+        ),
+        suffix=job.suffix,
+        task=job.task,
+        progress=Progress(step=step, total_steps=total, percent=percent, eta_seconds=eta),
+        sparsity=Sparsity(target=job.target_sparsity, measured=job.measured_sparsity),
+        compression=job.compression,
+        queue_position=queue_position,
+        attempts=job.attempts,
+        cancel_requested=bool(job.cancel_requested),
+    )
 
 
-def _job_response(session: Session, job: Job) -> dict[str, Any]:
-    return job_to_dict(job, jobstate.queue_position(session, job))
+def _job_response(session: Session, job: Job) -> JobObject:
+    return job_object(job, jobstate.queue_position(session, job))
 
 
 def _request_hash(body: JobCreate) -> str:
@@ -110,9 +115,9 @@ def _request_hash(body: JobCreate) -> str:
 
 
 def _check_model(model_id: str, task: str, settings: Settings) -> None:
-    from core.catalog import is_hub_id, list_models
+    from core.catalog import is_hub_id
 
-    entries = {m.id: m for m in list_models(settings.data_path, allow_hub=settings.allow_hub)}
+    entries = base_models(settings)
     entry = entries.get(model_id)
     if entry is None:
         if settings.allow_hub and is_hub_id(model_id):
@@ -144,12 +149,8 @@ def _check_model(model_id: str, task: str, settings: Settings) -> None:
         )
 
 
-def _owned_file(session: Session, tenant_id: str, file_id: str, param: str) -> File:
-    f = session.execute(
-        select(File).where(File.id == file_id, File.tenant_id == tenant_id)
-    ).scalar_one_or_none()
-    if f is None:
-        raise APIError(404, f"No file with id '{file_id}'", param=param, code="file_not_found")
+def _training_file(session: Session, tenant_id: str, file_id: str, param: str) -> File:
+    f = load_owned_file(session, tenant_id, file_id, param)
     if f.purpose != "fine-tune" or f.status != "processed":
         raise APIError(
             400,
@@ -208,7 +209,7 @@ def create_job(
     settings: SettingsDep,
     storage: StorageDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)] = None,
-) -> dict[str, Any]:
+) -> JobObject:
     from core.config import Hyperparameters
 
     tenant_id = principal.tenant_id
@@ -233,9 +234,9 @@ def create_job(
     hp = Hyperparameters.from_dict(hp_in)  # ConfigError -> 400 with param = field name
     hp_dict = hp.to_dict()
 
-    train = _owned_file(session, tenant_id, body.training_file, "training_file")
+    train = _training_file(session, tenant_id, body.training_file, "training_file")
     valid = (
-        _owned_file(session, tenant_id, body.validation_file, "validation_file")
+        _training_file(session, tenant_id, body.validation_file, "validation_file")
         if body.validation_file
         else None
     )
@@ -319,49 +320,42 @@ def create_job(
     return _job_response(session, job)
 
 
-@router.get("/fine_tuning/jobs", response_model=JobList)
+@router.get("/fine_tuning/jobs", response_model=CountedPage[JobObject])
 def list_jobs(
     principal: PrincipalDep,
     session: SessionDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    status: str | None = None,
+    status: JobStatus | None = None,
 ) -> dict[str, Any]:
-    q = select(Job).where(Job.tenant_id == principal.tenant_id)
+    """Newest first; ``count`` is the number of the caller's jobs with this ``status``."""
+    tenant = principal.tenant_id
+    where = [Job.tenant_id == tenant]
     if status:
-        if status not in jobstate.STATUSES:
-            raise APIError(
-                400, f"status must be one of {', '.join(jobstate.STATUSES)}", param="status"
-            )
-        q = q.where(Job.status == status)
-    if after:
-        pk = session.execute(
-            select(Job.pk).where(Job.id == after, Job.tenant_id == principal.tenant_id)
-        ).scalar_one_or_none()
-        if pk is None:
-            raise APIError(400, f"No job with id '{after}' to page after", param="after")
-        q = q.where(Job.pk < pk)
-    count = session.execute(
-        select(func.count()).select_from(Job).where(Job.tenant_id == principal.tenant_id)
-    ).scalar_one()
-    q2 = q.add_columns(jobstate.queue_position_expr())
-    rows = [(r[0], r[1]) for r in session.execute(q2.order_by(Job.pk.desc()).limit(limit + 1))]
-    return {
-        "object": "list",
-        "data": [job_to_dict(j, pos) for j, pos in rows[:limit]],
-        "has_more": len(rows) > limit,
-        "count": count,
-    }
+        where.append(Job.status == status)
+    cursor = pagination.cursor_key(
+        session, after, Job.pk, Job.id == after, Job.tenant_id == tenant, kind="job"
+    )
+    page = pagination.paginate(
+        session,
+        select(Job, jobstate.queue_position_expr()).where(*where),
+        Job.pk,
+        lambda row: job_object(row[0], row[1]),
+        after=cursor,
+        limit=limit,
+        descending=True,
+    )
+    return {**page, "count": pagination.count(session, select(Job.pk).where(*where))}
 
 
 @router.get("/fine_tuning/jobs/{job_id}", response_model=JobObject)
-async def get_job(job: OwnedJob) -> dict[str, Any]:
+async def get_job(job: OwnedJob) -> JobObject:
     # No I/O here: OwnedJob loaded the row and its queue position in one statement.
-    return job_to_dict(job, job._queue_position)  # type: ignore[attr-defined]
+    return job_object(job, job._queue_position)  # type: ignore[attr-defined]
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=JobObject)
-def cancel_job(job: OwnedJob, session: SessionDep) -> dict[str, Any]:
+def cancel_job(job: OwnedJob, session: SessionDep) -> JobObject:
     if job.status in (jobstate.SUCCEEDED, jobstate.FAILED):
         raise APIError(
             409,
@@ -375,15 +369,18 @@ def cancel_job(job: OwnedJob, session: SessionDep) -> dict[str, Any]:
     return _job_response(session, fresh)
 
 
-def _pk_cursor(after: str | None, prefix: str) -> int | None:
-    if after is None:
-        return None
-    if not after.startswith(prefix) or not after[len(prefix) :].isdigit():
-        raise APIError(400, f"after must be an id like '{prefix}123'", param="after")
-    return int(after[len(prefix) :])
+def _event_object(e: JobEvent) -> JobEventObject:
+    return JobEventObject(
+        id=f"ftevent-{e.pk}",
+        created_at=int(e.created_at.timestamp()),
+        level=cast(Any, e.level),
+        message=e.message,
+        type=cast(Any, e.type),
+        data=e.data,
+    )
 
 
-@router.get("/fine_tuning/jobs/{job_id}/events", response_model=EventList)
+@router.get("/fine_tuning/jobs/{job_id}/events", response_model=Page[JobEventObject])
 def list_events(
     job: OwnedJob,
     session: SessionDep,
@@ -391,100 +388,86 @@ def list_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> dict[str, Any]:
     """Newest first, like OpenAI; ``after`` is the last event id of the previous page."""
-    q = select(JobEvent).where(JobEvent.job_id == job.id)
-    cursor = _pk_cursor(after, "ftevent-")
-    if cursor is not None:
-        q = q.where(JobEvent.pk < cursor)
-    rows = list(session.execute(q.order_by(JobEvent.pk.desc()).limit(limit + 1)).scalars())
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": f"ftevent-{e.pk}",
-                "object": "fine_tuning.job.event",
-                "created_at": _ts(e.created_at),
-                "level": e.level,
-                "message": e.message,
-                "type": e.type,
-                "data": e.data,
-            }
-            for e in rows[:limit]
-        ],
-        "has_more": len(rows) > limit,
-    }
+    return pagination.paginate(
+        session,
+        select(JobEvent).where(JobEvent.job_id == job.id),
+        JobEvent.pk,
+        lambda row: _event_object(row[0]),
+        after=pagination.prefixed_pk_cursor(after, "ftevent-"),
+        limit=limit,
+        descending=True,
+    )
 
 
-@router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=Page[CheckpointObject])
 def list_checkpoints(
     job: OwnedJob,
     session: SessionDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> dict[str, Any]:
-    q = select(Checkpoint).where(Checkpoint.job_id == job.id)
-    if after:
-        step = session.execute(
-            select(Checkpoint.step).where(Checkpoint.id == after, Checkpoint.job_id == job.id)
-        ).scalar_one_or_none()
-        if step is None:
-            raise APIError(400, f"No checkpoint with id '{after}' in this job", param="after")
-        q = q.where(Checkpoint.step < step)
-    rows = list(session.execute(q.order_by(Checkpoint.step.desc()).limit(limit + 1)).scalars())
-    data = [
-        {
-            "id": c.id,
-            "object": "fine_tuning.job.checkpoint",
-            "created_at": _ts(c.created_at),
-            "fine_tuned_model_checkpoint": f"ft:{job.model}:{job.id}:ckpt-step-{c.step}",
-            "fine_tuning_job_id": job.id,
-            "step_number": c.step,
-            "metrics": {"step": c.step, **(c.metrics or {})},
-        }
-        for c in rows[:limit]
-    ]
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": len(rows) > limit,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+    """Latest step first."""
+
+    def checkpoint_object(c: Checkpoint) -> CheckpointObject:
+        return CheckpointObject(
+            id=c.id,
+            created_at=int(c.created_at.timestamp()),
+            fine_tuned_model_checkpoint=f"ft:{job.model}:{job.id}:ckpt-step-{c.step}",
+            fine_tuning_job_id=job.id,
+            step_number=c.step,
+            metrics={"step": c.step, **(c.metrics or {})},
+        )
+
+    cursor = pagination.cursor_key(
+        session,
+        after,
+        Checkpoint.step,
+        Checkpoint.id == after,
+        Checkpoint.job_id == job.id,
+        kind="checkpoint",
+    )
+    return pagination.paginate(
+        session,
+        select(Checkpoint).where(Checkpoint.job_id == job.id),
+        Checkpoint.step,
+        lambda row: checkpoint_object(row[0]),
+        after=cursor,
+        limit=limit,
+        descending=True,
+    )
 
 
-@router.get("/fine_tuning/jobs/{job_id}/metrics", response_model=MetricList)
+def _metric_point(m: JobMetric) -> MetricPoint:
+    return MetricPoint(
+        id=f"ftmetric-{m.pk}",
+        created_at=int(m.created_at.timestamp()),
+        kind=cast(Any, m.kind),
+        step=m.step,
+        loss=m.loss,
+        lr=m.lr,
+        measured_sparsity=m.measured_sparsity,
+        metrics=m.metrics or {},
+    )
+
+
+@router.get("/fine_tuning/jobs/{job_id}/metrics", response_model=Page[MetricPoint])
 def list_metrics(
     job: OwnedJob,
     session: SessionDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
-    kind: Annotated[str | None, Query(pattern="^(train|eval)$")] = None,
+    kind: Literal["train", "eval"] | None = None,
 ) -> dict[str, Any]:
     """The time series in step order: loss, lr, task metrics and MEASURED sparsity."""
-    q = select(JobMetric).where(JobMetric.job_id == job.id)
+    stmt = select(JobMetric).where(JobMetric.job_id == job.id)
     if kind:
-        q = q.where(JobMetric.kind == kind)
-    cursor = _pk_cursor(after, "ftmetric-")
-    if cursor is not None:
-        q = q.where(JobMetric.pk > cursor)
-    rows = list(session.execute(q.order_by(JobMetric.pk.asc()).limit(limit + 1)).scalars())
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": f"ftmetric-{m.pk}",
-                "object": "fine_tuning.job.metric",
-                "created_at": _ts(m.created_at),
-                "kind": m.kind,
-                "step": m.step,
-                "loss": m.loss,
-                "lr": m.lr,
-                "measured_sparsity": m.measured_sparsity,
-                "metrics": m.metrics or {},
-            }
-            for m in rows[:limit]
-        ],
-        "has_more": len(rows) > limit,
-    }
-
-
-__all__ = ["job_to_dict", "not_found", "router"]
+        stmt = stmt.where(JobMetric.kind == kind)
+    return pagination.paginate(
+        session,
+        stmt,
+        JobMetric.pk,
+        lambda row: _metric_point(row[0]),
+        after=pagination.prefixed_pk_cursor(after, "ftmetric-"),
+        limit=limit,
+        descending=False,
+    )

@@ -3,7 +3,8 @@
 Why a hand-built tar stream: the artifact (model.safetensors can be hundreds of MB) is sent
 file by file in 1 MiB chunks with an exact Content-Length, never built in memory or in a
 temp file. Members sit at the archive ROOT (model.safetensors, manifest.json, tokenizer
-files ...), as the issue 4 contract requires. Only regular files are sent (no symlinks).
+files ...), which is the artifact layout clients unpack. Only regular files are sent (no
+symlinks).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from sqlalchemy import select
 
 from api.db.models import FineTunedModel
-from api.deps import PrincipalDep, SessionDep, SettingsDep, StorageDep, find_owned_model
-from api.errors import APIError, not_found
+from api.deps import ModelDep, ModelRef, PrincipalDep, SessionDep, SettingsDep, base_models
+from api.errors import APIError
 from api.schemas import DeletedObject, ModelList, ModelObject
 from api.settings import Settings
 
@@ -29,36 +31,28 @@ _BLOCK = tarfile.BLOCKSIZE  # 512
 _CHUNK = 1024 * 1024
 
 
-def _base_models(settings: Settings) -> dict[str, Any]:
-    from core.catalog import list_models
-
-    return {m.id: m for m in list_models(settings.data_path, allow_hub=settings.allow_hub)}
-
-
-def _base_to_dict(entry: Any) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "object": "model",
-        "created": 0,
-        "owned_by": "finegates",
-        "kind": "base",
-        "family": entry.family,
-        "description": entry.description,
-    }
+def _base_object(entry: Any) -> ModelObject:
+    return ModelObject(
+        id=entry.id,
+        created=0,
+        owned_by="finegates",
+        kind="base",
+        family=entry.family,
+        description=entry.description,
+    )
 
 
-def _ft_to_dict(m: FineTunedModel) -> dict[str, Any]:
-    return {
-        "id": m.id,
-        "object": "model",
-        "created": int(m.created_at.timestamp()),
-        "owned_by": m.tenant_id,
-        "kind": "fine-tuned",
-        "task": m.task,
-        "base_model": m.base_model,
-        "job_id": m.job_id,
-        "compression": m.summary,
-    }
+def _finetuned_object(m: FineTunedModel) -> ModelObject:
+    return ModelObject(
+        id=m.id,
+        created=int(m.created_at.timestamp()),
+        owned_by=m.tenant_id,
+        kind="fine-tuned",
+        task=m.task,
+        base_model=m.base_model,
+        job_id=m.job_id,
+        compression=m.summary,
+    )
 
 
 def artifact_path(m: FineTunedModel, settings: Settings) -> Path:
@@ -69,24 +63,27 @@ def artifact_path(m: FineTunedModel, settings: Settings) -> Path:
 @router.get("/models", response_model=ModelList)
 def list_all_models(
     principal: PrincipalDep, session: SessionDep, settings: SettingsDep
-) -> dict[str, Any]:
-    from sqlalchemy import select
-
-    data = [_base_to_dict(e) for e in _base_models(settings).values()]
+) -> ModelList:
+    data = [_base_object(e) for e in base_models(settings).values()]
     rows = session.execute(
         select(FineTunedModel)
         .where(FineTunedModel.tenant_id == principal.tenant_id)
         .order_by(FineTunedModel.pk.desc())
     ).scalars()
-    data.extend(_ft_to_dict(m) for m in rows)
-    return {"object": "list", "data": data}
+    data.extend(_finetuned_object(m) for m in rows)
+    return ModelList(data=data)
 
 
-def _owned_or_404(session: Any, model_id: str, tenant_id: str) -> FineTunedModel:
-    m = find_owned_model(session, model_id, tenant_id)
-    if m is None:
-        raise not_found("model", model_id)
-    return m
+def _finetuned_only(ref: ModelRef, what: str, code: str) -> FineTunedModel:
+    """The caller's finetuned model; a base model has no artifact, report, or delete."""
+    if ref.finetuned is None:
+        raise APIError(
+            404,
+            f"'{ref.id}' is a base model; {what} exist for fine-tuned models only",
+            param="model",
+            code=code,
+        )
+    return ref.finetuned
 
 
 def _tar_member_header(name: str, size: int, mtime: int) -> bytes:
@@ -133,24 +130,13 @@ def _tar_stream(members: list[tuple[Path, bytes, int]]) -> Iterator[bytes]:
 
 @router.get("/models/{model_id:path}/artifact")
 def download_artifact(
-    model_id: str,
-    principal: PrincipalDep,
-    session: SessionDep,
+    ref: ModelDep,
     settings: SettingsDep,
     format: Annotated[str, Query(pattern="^(tar|safetensors|onnx)$")] = "tar",
 ) -> Any:
     """``format=tar`` (default): the whole artifact directory; ``safetensors``/``onnx``: one file."""
-    if (
-        model_id in _base_models(settings)
-        and find_owned_model(session, model_id, principal.tenant_id) is None
-    ):
-        raise APIError(
-            404,
-            f"'{model_id}' is a base model; artifacts exist for fine-tuned models only",
-            param="model",
-            code="artifact_not_found",
-        )
-    m = _owned_or_404(session, model_id, principal.tenant_id)
+    m = _finetuned_only(ref, "artifacts", "artifact_not_found")
+    model_id = m.id
     root = artifact_path(m, settings)
     if not root.is_dir():
         raise APIError(
@@ -192,62 +178,34 @@ def download_artifact(
 
 
 @router.get("/models/{model_id:path}/report")
-def get_report(
-    model_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
-) -> JSONResponse:
+def get_report(ref: ModelDep, settings: SettingsDep) -> JSONResponse:
     """The compression report (report.json of the artifact)."""
-    m = find_owned_model(session, model_id, principal.tenant_id)
-    if m is None:
-        if model_id in _base_models(settings):
-            raise APIError(
-                404,
-                f"'{model_id}' is a base model; compression reports exist for fine-tuned "
-                "models only",
-                param="model",
-                code="report_not_found",
-            )
-        raise not_found("model", model_id)
+    m = _finetuned_only(ref, "compression reports", "report_not_found")
     path = artifact_path(m, settings) / "report.json"
     if not path.is_file():
         if m.summary:
             return JSONResponse({"model": m.id, "partial": True, "summary": m.summary})
-        raise APIError(
-            404, f"Model '{model_id}' has no compression report", code="report_not_found"
-        )
+        raise APIError(404, f"Model '{m.id}' has no compression report", code="report_not_found")
     return JSONResponse(json.loads(path.read_text(encoding="utf-8")))
 
 
 @router.get("/models/{model_id:path}", response_model=ModelObject)
-def get_model(
-    model_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
-) -> dict[str, Any]:
-    m = find_owned_model(session, model_id, principal.tenant_id)
-    if m is not None:
-        return _ft_to_dict(m)
-    base = _base_models(settings).get(model_id)
-    if base is not None:
-        return _base_to_dict(base)
-    raise not_found("model", model_id)
+def get_model(ref: ModelDep) -> ModelObject:
+    if ref.finetuned is not None:
+        return _finetuned_object(ref.finetuned)
+    return _base_object(ref.base)
 
 
 @router.delete("/models/{model_id:path}", response_model=DeletedObject)
-def delete_model(
-    model_id: str,
-    principal: PrincipalDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-) -> dict[str, Any]:
-    m = find_owned_model(session, model_id, principal.tenant_id)
-    if m is None:
-        if model_id in _base_models(settings):
-            raise APIError(
-                403,
-                f"'{model_id}' is a base model and cannot be deleted",
-                param="model",
-                code="model_not_deletable",
-            )
-        raise not_found("model", model_id)
+def delete_model(ref: ModelDep, session: SessionDep, settings: SettingsDep) -> DeletedObject:
+    if ref.finetuned is None:
+        raise APIError(
+            403,
+            f"'{ref.id}' is a base model and cannot be deleted",
+            param="model",
+            code="model_not_deletable",
+        )
+    m = ref.finetuned
     root = artifact_path(m, settings)
     session.delete(m)
     session.commit()
@@ -257,4 +215,4 @@ def delete_model(
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
-    return {"id": model_id, "object": "model", "deleted": True}
+    return DeletedObject(id=m.id, object="model", deleted=True)

@@ -43,8 +43,10 @@ def test_create_job_shape_and_enqueue(client, make_headers, enqueued):
     assert enqueued.calls == [(j["id"], "cpu")]
 
     ev = client.get(f"/v1/fine_tuning/jobs/{j['id']}/events", headers=h).json()
-    msgs = [e["message"] for e in ev["data"]]
-    assert any("queued" in m for m in msgs) and any("Created" in m for m in msgs)
+    assert [e["message"] for e in ev["data"]] == [  # newest first
+        "Files validated; job queued",
+        f"Created fine-tuning job {j['id']} (classification on minilm-l6)",
+    ]
 
 
 def test_invalid_hyperparameters_name_the_param(client, make_headers, enqueued):
@@ -278,8 +280,19 @@ def test_events_pagination(client, make_headers, sessions):
     assert [e["message"] for e in p1["data"]] == ["note 4", "note 3", "note 2"]
     assert p1["has_more"] is True
     last = p1["data"][-1]["id"]
+    assert (p1["first_id"], p1["last_id"]) == (p1["data"][0]["id"], last)
     p2 = client.get(f"/v1/fine_tuning/jobs/{jid}/events?limit=3&after={last}", headers=h).json()
-    assert [e["message"] for e in p2["data"]][:2] == ["note 1", "note 0"]
+    assert [e["message"] for e in p2["data"]] == ["note 1", "note 0", "Files validated; job queued"]
+    assert p2["has_more"] is True
+    p3 = client.get(
+        f"/v1/fine_tuning/jobs/{jid}/events?limit=3&after={p2['last_id']}", headers=h
+    ).json()
+    assert [e["message"] for e in p3["data"]] == [
+        f"Created fine-tuning job {jid} (classification on minilm-l6)"
+    ]
+    assert p3["has_more"] is False
+    bad = client.get(f"/v1/fine_tuning/jobs/{jid}/events?after=nope", headers=h)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
 
 
 def test_concurrent_claims_exactly_one_wins(client, make_headers, sessions):
@@ -339,3 +352,50 @@ def test_claim_of_a_cancel_requested_queued_job_cancels_it(client, make_headers,
         assert jobstate.claim(s, jid, "w1") is False
     j = client.get(f"/v1/fine_tuning/jobs/{jid}", headers=h).json()
     assert j["status"] == "cancelled"
+
+
+def test_list_jobs_filters_and_counts_by_status(client, make_headers):
+    h = make_headers("jobs-status")
+    fid = _file(client, h)
+    ids = [
+        client.post("/v1/fine_tuning/jobs", headers=h, json=job_body(fid)).json()["id"]
+        for _ in range(3)
+    ]
+    assert client.post(f"/v1/fine_tuning/jobs/{ids[1]}/cancel", headers=h).status_code == 200
+    cancelled = client.get("/v1/fine_tuning/jobs?status=cancelled", headers=h).json()
+    assert [j["id"] for j in cancelled["data"]] == [ids[1]]
+    assert cancelled["count"] == 1  # the filter applies to the count too
+    queued = client.get("/v1/fine_tuning/jobs?status=queued&limit=1", headers=h).json()
+    assert [j["id"] for j in queued["data"]] == [ids[2]]
+    assert (queued["count"], queued["has_more"]) == (2, True)
+    assert client.get("/v1/fine_tuning/jobs", headers=h).json()["count"] == 3
+    r = client.get("/v1/fine_tuning/jobs?status=paused", headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "status"
+
+
+def test_checkpoints_and_metrics_pagination(client, make_headers, sessions):
+    h = make_headers("jobs-pages")
+    fid = _file(client, h)
+    jid = client.post("/v1/fine_tuning/jobs", headers=h, json=job_body(fid)).json()["id"]
+    with sessions() as s:
+        assert jobstate.claim(s, jid, "w1")
+        for step in (10, 20, 30):
+            jobstate.add_checkpoint(s, jid, step, f"/runs/x/step-{step}", worker_id="w1")
+        jobstate.record_progress(
+            s, jid, "w1", metrics=[{"step": n, "loss": 1 / n} for n in (1, 2, 3)]
+        )
+    url = f"/v1/fine_tuning/jobs/{jid}"
+    p1 = client.get(f"{url}/checkpoints?limit=2", headers=h).json()
+    assert [c["step_number"] for c in p1["data"]] == [30, 20] and p1["has_more"] is True
+    assert (p1["first_id"], p1["last_id"]) == (p1["data"][0]["id"], p1["data"][1]["id"])
+    p2 = client.get(f"{url}/checkpoints?limit=2&after={p1['last_id']}", headers=h).json()
+    assert [c["step_number"] for c in p2["data"]] == [10] and p2["has_more"] is False
+    r = client.get(f"{url}/checkpoints?after=ftckpt-unknown", headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "after"
+
+    m1 = client.get(f"{url}/metrics?limit=2", headers=h).json()
+    assert [m["step"] for m in m1["data"]] == [1, 2] and m1["has_more"] is True  # oldest first
+    m2 = client.get(f"{url}/metrics?limit=2&after={m1['last_id']}", headers=h).json()
+    assert [m["step"] for m in m2["data"]] == [3] and m2["has_more"] is False
+    r = client.get(f"{url}/metrics?after=ftevent-1", headers=h)
+    assert r.status_code == 400 and "ftmetric-123" in r.json()["error"]["message"]

@@ -45,7 +45,7 @@ class Serve:
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")
         exe = Path(sys.executable).parent / "finegates"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "api.cli"]
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "worker.cli"]
         cmd += ["serve", "--port", str(port), "--data-dir", str(data_dir), *extra]
         self.proc = subprocess.Popen(
             cmd,

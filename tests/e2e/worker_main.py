@@ -29,6 +29,6 @@ if __name__ == "__main__":
     delay = float(os.environ.get("FINEGATES_E2E_STEP_DELAY", "0") or 0)
     if delay > 0:
         _pace_steps(delay)
-    from api.cli import main
+    from worker.cli import main
 
     sys.exit(main(["worker", "--queues", "gpu,cpu", "--loglevel", "INFO", *sys.argv[1:]]))

@@ -1,5 +1,5 @@
 """Worker pieces in-process, on a migrated SQLite database: Celery settings, the batching
-callback, the reaper, the task's state handling and error mapping, and the CLI contract.
+callback, the reaper, and the task's state handling and error mapping.
 
 The real worker PROCESS is exercised in tests/e2e; these tests pin the behaviour that is
 hard to provoke there (batch boundaries, retry limit, error codes, a shutdown mid-job).
@@ -7,9 +7,6 @@ hard to provoke there (batch boundaries, retry limit, error codes, a shutdown mi
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -19,19 +16,18 @@ import pytest
 from sqlalchemy import select
 
 from api import jobstate
-from api.auth import create_api_key
-from api.db import make_sessionmaker, session_scope
+from api.db import session_scope
 from api.db.models import Checkpoint, Job, JobEvent, JobMetric, utcnow
 from api.settings import Settings
 from core.callbacks import CheckpointRecord, EvalRecord
 from tests.support.worker import Clock, Recorder, job_row, make_job, step
 
-ROOT = Path(__file__).resolve().parents[2]
 # --- Celery app ---------------------------------------------------------------------------
 
 
 def test_celery_config_embedded_and_redis(tmp_path: Path) -> None:
-    from worker.celery_app import broker_url_for, make_celery
+    from api.queue import broker_url_for
+    from worker.celery_app import make_celery
 
     s = Settings(data_dir=tmp_path / "d", max_job_seconds=7200)
     url = broker_url_for(s)
@@ -41,9 +37,9 @@ def test_celery_config_embedded_and_redis(tmp_path: Path) -> None:
     assert c.task_acks_late is True and c.task_reject_on_worker_lost is True
     assert c.worker_prefetch_multiplier == 1
     assert c.accept_content == ["json"] and c.task_serializer == "json"
-    assert "pickle" not in c.result_accept_content
+    assert c.result_accept_content == ["json"]
     assert c.result_backend is None and c.task_ignore_result is True
-    assert {q.name for q in c.task_queues} == {"gpu", "cpu"}
+    assert [q.name for q in c.task_queues] == ["gpu", "cpu"]
     assert c.worker_enable_remote_control is False  # virtual transport: no fanout
     assert c.broker_transport_options == {}  # the SQL transport hands options to create_engine
     # ...so its poll interval (kombu's default: 1 s of queue wait) is set on the class
@@ -53,9 +49,33 @@ def test_celery_config_embedded_and_redis(tmp_path: Path) -> None:
         assert conn.transport.polling_interval == EMBEDDED_POLL_INTERVAL_S < 1.0
 
     r = make_celery(Settings(data_dir=tmp_path / "d", broker_url="redis://h:6379/0"))
-    vt = r.conf.broker_transport_options["visibility_timeout"]
-    assert vt > Settings().max_job_seconds  # never redelivered while it still runs
+    # one hour past the longest job (24 h by default): never redelivered while it runs
+    assert r.conf.broker_transport_options == {"visibility_timeout": 24 * 3600 + 3600}
     assert r.conf.worker_enable_remote_control is True
+
+
+def test_the_worker_consumes_what_the_api_publishes(tmp_path: Path) -> None:
+    """api.queue.publish and the worker's app agree on the task, queue and serializer."""
+    from api.queue import celery_options, publish
+    from worker.celery_app import make_celery
+
+    s = Settings(data_dir=tmp_path / "d")
+    publish("ftjob-abc", "gpu", settings=s)
+    app = make_celery(s)
+    shared = celery_options(s)
+    assert {k: app.conf[k] for k in shared} == shared  # the consumer keeps every shared option
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue("gpu")
+        try:
+            msg = q.get(timeout=10)
+            assert msg.content_type == "application/json"
+            assert msg.headers["task"] == "finegates.run_job"
+            assert msg.payload[0] == ["ftjob-abc"]  # only the id travels
+            msg.ack()
+        finally:
+            q.close()
+    with pytest.raises(ValueError, match="unknown queue 'tpu'"):
+        publish("ftjob-abc", "tpu", settings=s)
 
 
 def test_fine_tuned_model_id() -> None:
@@ -214,7 +234,7 @@ def test_execute_job_skips_what_it_must_not_run(sessions, settings) -> None:
     with session_scope(sessions) as s:
         jobstate.claim(s, running, "someone-else")
     out = execute_job(running, settings=settings, session_factory=sessions, worker_id="w")
-    assert out.status == "skipped"
+    assert (out.status, out.detail) == ("skipped", "running")
     assert job_row(sessions, running).worker_id == "someone-else"  # untouched
 
 
@@ -278,86 +298,3 @@ def test_shutdown_mid_job_checkpoints_and_requeues_without_using_an_attempt(
     assert rec.calls == [(job_id, "cpu")]
     ckpts = list((Path(row.run_dir) / "checkpoints").glob("step-*"))
     assert ckpts, f"no checkpoint under {row.run_dir}"
-
-
-# --- CLI ----------------------------------------------------------------------------------
-
-
-def _finegates(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "api.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-
-
-def test_keys_create_prints_the_key_alone_on_its_last_line(tmp_path: Path, sessions) -> None:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINEGATES_")}
-    data = tmp_path / "cli-data"
-    r = _finegates("keys", "create", "--tenant", "acme", "--data-dir", str(data), env=env)
-    assert r.returncode == 0, r.stderr
-    key = r.stdout.strip().splitlines()[-1]
-    assert key == key.strip() and " " not in key and len(key) >= 32
-    from api.auth import authenticate
-
-    s2 = Settings(data_dir=data)
-    with session_scope(make_sessionmaker(s2)) as s:
-        assert authenticate(s, key) is not None
-        assert authenticate(s, key + "x") is None
-    with session_scope(sessions) as s:  # a different data dir knows nothing of it
-        assert authenticate(s, key) is None
-        create_api_key(s, "other")
-
-
-def test_engine_commands_do_not_import_the_service_stack() -> None:
-    code = (
-        "import sys\n"
-        "from api.cli import main\n"
-        "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
-        "bad = [m for m in ('fastapi', 'sqlalchemy', 'celery', 'starlette', 'alembic')"
-        " if m in sys.modules]\n"
-        "print('LOADED', bad)\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "LOADED []" in r.stdout, r.stdout[-500:]
-    assert "--training-file" in r.stdout
-
-
-def test_compose_and_dockerfile_commands_parse() -> None:
-    """Every finegates command in docker-compose.yml and the Dockerfile is a valid one."""
-    import yaml
-
-    from api.cli import build_parser
-
-    parser = build_parser()
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert {"postgres", "redis", "migrate", "api", "worker"} <= set(services)
-    assert "healthcheck" in services["postgres"]
-    assert services["api"]["depends_on"]["migrate"]["condition"] == (
-        "service_completed_successfully"
-    )
-    commands = {
-        n: s["command"] for n, s in services.items() if s.get("image", "").startswith("finegates")
-    }
-    assert set(commands) >= {"migrate", "api", "worker", "worker-gpu"}
-    for cmd in commands.values():
-        parser.parse_args(cmd)
-    assert services["worker-gpu"]["profiles"] == ["gpu"]
-    docker = (ROOT / "Dockerfile").read_text()
-    assert 'ENTRYPOINT ["finegates"]' in docker
-    cmd_line = next(line for line in docker.splitlines() if line.startswith("CMD "))
-    parser.parse_args(json.loads(cmd_line[4:]))
-    assert "torch==2.13.0" in docker and "TORCH_VARIANT" in docker
-    torch_installs = [
-        ln
-        for ln in docker.splitlines()
-        if ln.startswith("RUN") and "pip install" in ln and "torch" in ln
-    ]
-    assert torch_installs and all('"torch==2.13.0"' in ln for ln in torch_installs)
