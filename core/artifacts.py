@@ -349,9 +349,11 @@ def hf_representable(model: nn.Module) -> bool:
     cfg: Any = model.config  # PrunedBertConfig | PrunedLlamaConfig
     s = cfg.layers[0]
     if isinstance(model, PrunedBertModel):
-        # BertSelfAttention fixes head_dim = hidden / heads: only the FFN may shrink
+        # BertSelfAttention fixes head_dim = hidden / heads: only the FFN may shrink; the
+        # copy is written as a BERT or RoBERTa folder, so other encoder types get none
         return (
-            s.d_qk == s.d_vo == cfg.head_dim
+            cfg.model_type in ("bert", "roberta")
+            and s.d_qk == s.d_vo == cfg.head_dim
             and s.n_heads * cfg.head_dim == cfg.hidden_size
             and s.ffn > 0
             and cfg.qkv_bias
