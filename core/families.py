@@ -243,7 +243,7 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
     return getattr(cfg, name, default)
 
 
-def rope_type(cfg: Any) -> str:
+def _rope_type(cfg: Any) -> str:
     rp = _get(cfg, "rope_parameters") or _get(cfg, "rope_scaling") or {}
     if not isinstance(rp, dict):
         return "default"
@@ -277,7 +277,7 @@ def check_config(cfg: Any) -> ModelType:
     act = _get(cfg, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedModelError(f"{mt}: hidden_act {act!r} is not supported (only silu)")
-    rt = rope_type(cfg)
+    rt = _rope_type(cfg)
     if rt in _SEQ_DEPENDENT_ROPE:
         raise UnsupportedModelError(
             f"{mt}: rope_type {rt!r} changes its frequencies with the sequence length; "

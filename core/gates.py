@@ -44,7 +44,7 @@ TRAINABLE_MODES: tuple[str, ...] = ("gates", "gates+lora", "gates+weights")
 DEFAULT_TARGETS: dict[str, list[str]] = {n: lay.default_targets() for n, lay in LAYOUTS.items()}
 
 # Module-name components that are never gated by injection (task heads, pooler, lm_head).
-HEAD_MODULE_NAMES: tuple[str, ...] = ("classifier", "score", "qa_outputs")
+HEAD_MODULE_NAMES: tuple[str, ...] = ("classifier", "pre_classifier", "score", "qa_outputs")
 NEVER_GATED: frozenset[str] = frozenset({"lm_head", "pooler", "cls", *HEAD_MODULE_NAMES})
 
 _REGEX_CHARS = set("\\^$*+?[](){}|")

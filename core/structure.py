@@ -50,8 +50,6 @@ from core.errors import PlanError, UnsupportedModelError
 from core.families import ENCODER, lookup, require
 from core.gates import GatedLinear, gated_modules
 
-LAYER_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "ffn_in", "ffn_out")
-
 
 @dataclass
 class LayerStructure:
