@@ -158,7 +158,7 @@ def save_artifact(
     ``original_shape`` (head count, head_dim, ffn, ...) lets `bench` rebuild the dense
     reference at base-model size without the base weights.
     """
-    from core.prune import plan_to_dict
+    from core.structure import plan_to_dict
 
     # Written into a hidden sibling, then renamed into place: a reader (or a second
     # writer, e.g. a worker that lost its job) never sees a half-written artifact.
