@@ -158,7 +158,7 @@ def save_artifact(
     ``original_shape`` (head count, head_dim, ffn, ...) lets `bench` rebuild the dense
     reference at base-model size without the base weights.
     """
-    from core.prune import plan_to_dict
+    from core.structure import plan_to_dict
 
     # Written into a hidden sibling, then renamed into place: a reader (or a second
     # writer, e.g. a worker that lost its job) never sees a half-written artifact.
@@ -349,9 +349,11 @@ def hf_representable(model: nn.Module) -> bool:
     cfg: Any = model.config  # PrunedBertConfig | PrunedLlamaConfig
     s = cfg.layers[0]
     if isinstance(model, PrunedBertModel):
-        # BertSelfAttention fixes head_dim = hidden / heads: only the FFN may shrink
+        # BertSelfAttention fixes head_dim = hidden / heads: only the FFN may shrink; the
+        # copy is written as a BERT or RoBERTa folder, so other encoder types get none
         return (
-            s.d_qk == s.d_vo == cfg.head_dim
+            cfg.model_type in ("bert", "roberta")
+            and s.d_qk == s.d_vo == cfg.head_dim
             and s.n_heads * cfg.head_dim == cfg.hidden_size
             and s.ffn > 0
             and cfg.qkv_bias

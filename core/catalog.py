@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from core.errors import ModelNotFoundError, UnsupportedModelError
+from core.families import check_config, family_of
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REGISTRY_FILE = "models.json"
@@ -143,28 +144,44 @@ def _read_registry(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()}
 
 
-def _detect_family(folder: Path) -> str:
+def _read_config(folder: Path) -> dict:
     try:
         cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return "unknown"
-    mt = str(cfg.get("model_type", "")).lower()
-    if mt in {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert"}:
-        return "bert"
-    if mt in {"llama", "mistral", "qwen2", "qwen3"}:
-        return "llama"
-    return "unknown"
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _detect_family(folder: Path) -> str:
+    """The family-table family of a folder ("unknown" for types FineGates refuses)."""
+    return family_of(_read_config(folder)) or "unknown"
+
+
+def check_supported(folder: Path, where: str) -> None:
+    """Refuse a model folder whose type or config the family table cannot prune."""
+    cfg = _read_config(folder)
+    if not cfg:
+        raise UnsupportedModelError(f"{where}: config.json is missing or not a JSON object")
+    try:
+        check_config(cfg)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{where}: {exc.message}") from None
 
 
 def register_model(
     model_id: str, path: Path | str, data_dir: Path | str, registry: Path | str | None = None
 ) -> Path:
-    """Give a local HF folder a short id (stored in a JSON registry under data_dir)."""
+    """Give a local HF folder a short id (stored in a JSON registry under data_dir).
+
+    A folder whose model type the family table (core.families) cannot train, prune and
+    serve is refused here, so it never reaches a job.
+    """
     folder = Path(path).expanduser().resolve()
     if not (folder / "config.json").is_file():
         raise UnsupportedModelError(f"{folder} is not a Hugging Face model folder (no config.json)")
     if model_id in _BUILTIN:
         raise UnsupportedModelError(f"'{model_id}' is a built-in model id; pick another name")
+    check_supported(folder, f"model '{model_id}'")
     reg_path = _registry_path(data_dir, registry)
     reg = _read_registry(reg_path)
     reg[model_id] = str(folder)
@@ -235,6 +252,7 @@ def _hub_snapshot(model_id: str) -> Path:
         raise UnsupportedModelError(
             f"hub model '{model_id}' needs remote code (auto_map); remote code is never run"
         )
+    check_supported(folder, f"hub model '{model_id}'")
     return folder
 
 

@@ -34,31 +34,17 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from core.errors import ConfigError, UnsupportedModelError
+from core.families import LAYOUTS, lookup, supported_text
 
 TrainableMode = Literal["gates", "gates+lora", "gates+weights"]
 TRAINABLE_MODES: tuple[str, ...] = ("gates", "gates+lora", "gates+weights")
 
-BERT_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
-LLAMA_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
-
-# Regexes are matched against the full module name (re.fullmatch). The BERT ones are
-# anchored on the layer index so "output.dense" never also hits "attention.output.dense"
-# (and never the RoBERTa "classifier.dense").
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": [
-        r"(.*\.)?layer\.\d+\.attention\.self\.(query|key|value)",
-        r"(.*\.)?layer\.\d+\.attention\.output\.dense",
-        r"(.*\.)?layer\.\d+\.intermediate\.dense",
-        r"(.*\.)?layer\.\d+\.output\.dense",
-    ],
-    "llama": [
-        r"(.*\.)?layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
-        r"(.*\.)?layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",
-    ],
-}
+# Regexes are matched against the full module name (re.fullmatch); one list per layout of
+# the family table (core.families), so a model type and its default targets never diverge.
+DEFAULT_TARGETS: dict[str, list[str]] = {n: lay.default_targets() for n, lay in LAYOUTS.items()}
 
 # Module-name components that are never gated by injection (task heads, pooler, lm_head).
-HEAD_MODULE_NAMES: tuple[str, ...] = ("classifier", "score", "qa_outputs")
+HEAD_MODULE_NAMES: tuple[str, ...] = ("classifier", "pre_classifier", "score", "qa_outputs")
 NEVER_GATED: frozenset[str] = frozenset({"lm_head", "pooler", "cls", *HEAD_MODULE_NAMES})
 
 _REGEX_CHARS = set("\\^$*+?[](){}|")
@@ -382,17 +368,6 @@ class GatedLinear(nn.Module):
 # Injection
 
 
-def model_family(model_or_config) -> str | None:
-    """'bert' | 'llama' | None from config.model_type."""
-    cfg = getattr(model_or_config, "config", model_or_config)
-    mt = getattr(cfg, "model_type", None)
-    if mt in BERT_MODEL_TYPES:
-        return "bert"
-    if mt in LLAMA_MODEL_TYPES:
-        return "llama"
-    return None
-
-
 def _is_regex(pattern: str) -> bool:
     return any(c in _REGEX_CHARS for c in pattern)
 
@@ -420,15 +395,14 @@ def resolve_targets(model: nn.Module, targets: list[str] | str | None) -> list[s
     A pattern that selects nothing is a ConfigError (a typo should not silently gate nothing).
     """
     if targets is None:
-        fam = model_family(model)
-        if fam is None:
+        spec = lookup(model)
+        if spec is None:
             mt = getattr(getattr(model, "config", None), "model_type", None)
             raise UnsupportedModelError(
-                f"no default gate targets for model_type {mt!r}; supported: "
-                f"{sorted(BERT_MODEL_TYPES | LLAMA_MODEL_TYPES)}. Pass target_modules "
-                "patterns or 'all-linear'."
+                f"no default gate targets for model_type {mt!r}; supported model types: "
+                f"{supported_text()}. Pass target_modules patterns or 'all-linear'."
             )
-        patterns: list[str] | None = DEFAULT_TARGETS[fam]
+        patterns: list[str] | None = DEFAULT_TARGETS[spec.layout.name]
     elif isinstance(targets, str):
         patterns = None if targets == "all-linear" else [targets]
     else:

@@ -9,7 +9,6 @@ in front of the classifier would cap accuracy.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from core.errors import UnsupportedModelError
-from core.gates import model_family
+from core.families import check_config, task_error
 
 
 @dataclass
@@ -28,14 +27,6 @@ class LoadedBase:
     family: str
     path: str
     new_modules: list[str] = field(default_factory=list)  # freshly initialised modules
-
-
-def read_model_type(path: Path | str) -> str:
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UnsupportedModelError(f"{path}: cannot read config.json ({exc})") from exc
-    return str(cfg.get("model_type", ""))
 
 
 def load_tokenizer(path: Path | str, family: str | None = None) -> Any:
@@ -80,12 +71,10 @@ def load_base(
 
     path = Path(path)
     cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    family = model_family(cfg)
-    if family is None:
-        raise UnsupportedModelError(
-            f"model_type {cfg.model_type!r} is not supported; supported families are "
-            "BERT/RoBERTa-style encoders and Llama/Mistral/Qwen2-style decoders"
-        )
+    family = check_config(cfg).family  # refused here, before any training, if not prunable
+    mismatch = task_error(family, task)
+    if mismatch:
+        raise UnsupportedModelError(f"{cfg.model_type!r}: {mismatch}")
     tok = load_tokenizer(path, family)
     common: dict[str, Any] = {
         "trust_remote_code": False,
@@ -105,17 +94,10 @@ def load_base(
                 "label2id": {lab: i for i, lab in enumerate(labels)},
                 "problem_type": "single_label_classification",
             }
-        if family == "llama":
-            kw["pad_token_id"] = tok.pad_token_id
         model, info = AutoModelForSequenceClassification.from_pretrained(
             str(path), ignore_mismatched_sizes=True, **kw, **common
         )
     elif task in ("causal_lm", "sparsify"):
-        if family != "llama":
-            raise UnsupportedModelError(
-                f"task {task!r} needs a decoder (Llama/Mistral/Qwen2-style); "
-                f"{cfg.model_type!r} is an encoder"
-            )
         # output_loading_info=True makes it return (model, info); the stubs don't say so
         model, info = cast(Any, AutoModelForCausalLM.from_pretrained(str(path), **common))
         if model.config.pad_token_id is None:
@@ -125,14 +107,3 @@ def load_base(
     keys = list(info.get("missing_keys", [])) + list(info.get("mismatched_keys", []))
     new = _new_module_names(model, keys)
     return LoadedBase(model=model, tokenizer=tok, family=family, path=str(path), new_modules=new)
-
-
-def build_skeleton(config_dict: dict[str, Any], task: str) -> nn.Module:
-    """An uninitialised-weights model from a saved config (no files read, no code run)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    d = dict(config_dict)
-    mt = d.pop("model_type")
-    cfg = AutoConfig.for_model(mt, **d)
-    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    return cls.from_config(cfg, dtype=torch.float32)

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from core.errors import ConfigError
+from core.expectation import expected_removed_fraction
 from core.gates import GatedLinear, gated_modules, set_input_recording
-from core.structure import ModelStructure, describe, expected_removed_fraction
+from core.structure import ModelStructure, describe
 
 OBJECTIVES: tuple[str, ...] = ("calibrated", "paper")
 SIGMA_P = 0.5

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from core.sampling import sample
+
 
 class Stepper(Protocol):
     """One decoding session with its own KV cache."""
@@ -54,18 +56,7 @@ def make_generator(seed: int | None) -> torch.Generator:
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Greedy at temperature 0; otherwise temperature + nucleus (top_p) sampling."""
     logits = logits.detach().float().reshape(-1).cpu()
-    if params.temperature <= 0.0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, sorted_idx = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # drop a token when the mass BEFORE it already reaches top_p (always keeps the first)
-        drop = (cumulative - sorted_probs) >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, sorted_idx, sorted_probs)
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(sample(logits, params.temperature, params.top_p, generator))
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

@@ -139,11 +139,22 @@ def _check_model(model_id: str, task: str, settings: Settings) -> None:
             param="model",
             code="model_not_found",
         )
-    if entry.family == "bert" and task in ("causal_lm", "sparsify"):
+    from core.families import FAMILY_TASKS, supported_text, task_error
+
+    if entry.family not in FAMILY_TASKS:
         raise APIError(
             400,
-            f"Model '{model_id}' is an encoder and cannot do task '{task}'; "
-            "use a decoder such as smollm2-135m, or task 'classification'",
+            f"Model '{model_id}' has a model type FineGates cannot prune; "
+            f"supported model types: {supported_text()}",
+            param="model",
+            code="model_not_supported",
+        )
+    mismatch = task_error(entry.family, task)
+    if mismatch:
+        raise APIError(
+            400,
+            f"Model '{model_id}': {mismatch}; use a base model such as "
+            f"{'smollm2-135m' if entry.family == 'bert' else 'minilm-l6'}, or another task",
             param="model",
             code="model_task_mismatch",
         )

@@ -1,4 +1,5 @@
-"""Pruned BERT/RoBERTa encoder with per-layer shapes.
+"""Pruned BERT-style encoder (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT) with
+per-layer shapes.
 
 Hugging Face's BertModel assumes every layer has ``num_attention_heads * head_dim``
 attention width and one ``intermediate_size``; a pruned model breaks both. This module
@@ -14,18 +15,27 @@ Two details keep it numerically equal to the gated eval model:
 Query, key and value live in one fused Linear (``qkv``): one GEMM instead of three is
 what pays on CPU for small widths. State-dict names are therefore ours, not Hugging
 Face's; ``core.artifacts`` writes HF-named copies when every layer has the same shape.
+
+What differs per model type (RoBERTa position numbering, the head's activation and
+whether it is BERT's pooler) is read from the family table (core.families) by
+``model_type``, so an artifact carries no second copy of those rules. ELECTRA's
+``embedding_size`` (with its projection to ``hidden_size``) and DistilBERT's missing
+token-type embeddings (``type_vocab_size`` 0) are plain config values.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from core.families import ENCODER_ACTIVATIONS, ModelType, lookup
 
 __all__ = ["BertLayerShape", "PrunedBertConfig", "PrunedBertModel"]
 
@@ -55,6 +65,7 @@ class PrunedBertConfig:
     qkv_bias: bool = True
     o_bias: bool = True
     ffn_bias: bool = True
+    embedding_size: int = 0  # ELECTRA: width of the embeddings (0: hidden_size, no projection)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -67,16 +78,39 @@ class PrunedBertConfig:
         return cls(**d)
 
 
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": _gelu_tanh,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
 def _act(name: str):
-    if name == "gelu":
-        return F.gelu
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "relu":
-        return F.relu
-    if name in ("silu", "swish"):
-        return F.silu
-    raise ValueError(f"unsupported hidden_act {name!r} (supported: gelu, gelu_new, relu, silu)")
+    kind = ENCODER_ACTIVATIONS.get(name)
+    if kind is None:
+        raise ValueError(
+            f"unsupported hidden_act {name!r} (supported: {', '.join(ENCODER_ACTIVATIONS)})"
+        )
+    return _ACT_FNS[kind]
+
+
+_HEAD_ACTS: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
+def _spec(cfg: PrunedBertConfig) -> ModelType:
+    spec = lookup(cfg.model_type)
+    if spec is None or spec.family != "bert":
+        raise ValueError(f"model_type {cfg.model_type!r} is not a supported encoder type")
+    return spec
 
 
 def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
@@ -89,11 +123,16 @@ def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: PrunedBertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.roberta = cfg.model_type in ("roberta", "xlm-roberta")
+        E = cfg.embedding_size or cfg.hidden_size
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, E)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, E)
+        self.token_type_embeddings: nn.Embedding | None = None
+        if cfg.type_vocab_size > 0:
+            self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, E)
+        self.LayerNorm = nn.LayerNorm(E, eps=cfg.layer_norm_eps)
+        # ELECTRA projects small embeddings up to the encoder width
+        self.project = nn.Linear(E, cfg.hidden_size) if E != cfg.hidden_size else None
+        self.roberta = _spec(cfg).positions == "after_padding"
         self.pad_token_id = cfg.pad_token_id
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
@@ -104,14 +143,13 @@ class BertEmbeddings(nn.Module):
             pos = torch.cumsum(mask, dim=1) * mask + self.pad_token_id  # (B, T)
         else:
             pos = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = (
-            self.word_embeddings(input_ids)
-            + self.token_type_embeddings(token_type_ids)
-            + self.position_embeddings(pos)
-        )
-        return self.LayerNorm(x)  # (B, T, C)
+        x = self.word_embeddings(input_ids)  # (B, T, E)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(token_type_ids)
+        x = self.LayerNorm(x + self.position_embeddings(pos))
+        return x if self.project is None else self.project(x)  # (B, T, C)
 
 
 class BertLayer(nn.Module):
@@ -174,9 +212,13 @@ class PrunedBertModel(nn.Module):
         self.pooler: nn.Linear | None = None
         self.head_dense: nn.Linear | None = None
         self.classifier: nn.Linear | None = None
+        spec = _spec(cfg)
+        head = spec.head or ("", "tanh", "")
+        self.head_act = _HEAD_ACTS[head[1]]
         if cfg.num_labels > 0:
-            if cfg.model_type in ("roberta", "xlm-roberta"):
-                # RobertaClassificationHead: dense + tanh + out_proj on <s>
+            if not spec.pooler_head:
+                # RoBERTa / ELECTRA head (dense + act + out_proj), DistilBERT's
+                # pre_classifier + ReLU + classifier: all on the first token
                 self.head_dense = nn.Linear(C, C)
             elif cfg.has_pooler:
                 # BertForSequenceClassification: pooler (dense + tanh on [CLS]) + linear
@@ -210,7 +252,7 @@ class PrunedBertModel(nn.Module):
             return x
         h = x[:, 0]  # (B, C): [CLS] / <s>
         if self.head_dense is not None:
-            h = torch.tanh(self.head_dense(h))
+            h = self.head_act(self.head_dense(h))
         elif self.pooler is not None:
             h = torch.tanh(self.pooler(h))
         return self.classifier(h)

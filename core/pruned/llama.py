@@ -15,6 +15,13 @@ layers' frequencies once, so one cos and one sin op per forward serve every laye
 
 The attention scale stays the ORIGINAL ``1/sqrt(head_dim)``; a layer with ``d_qk == 0``
 attends uniformly over the causal prefix.
+
+Qwen3's per-head RMSNorm on q and k (``qk_norm``) keeps, per kept group, the weights of
+the kept dims and divides by the ORIGINAL ``head_dim``: the dims pruning removed were
+exactly 0 before the norm (core.structure keeps a q/k dim unless it is closed on both
+sides), so the sum of squares and hence the norm are unchanged. Mistral/Qwen sliding
+windows (``sliding_window`` on ``sliding_layers``) mask keys more than the window behind
+the query, by cache slot, as Hugging Face does.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from core.sampling import sample
 
 __all__ = ["LlamaLayerShape", "PrunedLlamaConfig", "PrunedLlamaModel", "KVCache"]
 
@@ -59,6 +68,9 @@ class PrunedLlamaConfig:
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     model_type: str = "llama"
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # keys more than this many slots back are masked ...
+    sliding_layers: list[int] = field(default_factory=list)  # ... in these layers
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -89,6 +101,23 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class HeadNorm(nn.Module):
+    """RMSNorm over a head's kept dims, normalised by the ORIGINAL head_dim; one weight
+    row per kept KV group (its query heads share it)."""
+
+    def __init__(self, n_kv: int, d: int, head_dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_kv, d))
+        self.head_dim = head_dim
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, n_kv, heads, d)
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.head_dim + self.eps)
+        return self.weight[:, None, :] * x.to(dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -136,12 +165,21 @@ class LlamaAttention(nn.Module):
         self.o_proj = _linear(self.n_q * self.d_vo, C, cfg.o_bias)
         # original frequency of each kept rope pair of each kept group
         self.register_buffer("inv_freq", torch.zeros(self.n_kv, self.d_qk // 2))
+        self.q_norm: HeadNorm | None = None
+        self.k_norm: HeadNorm | None = None
+        if cfg.qk_norm and self.d_qk:
+            self.q_norm = HeadNorm(self.n_kv, self.d_qk, cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = HeadNorm(self.n_kv, self.d_qk, cfg.head_dim, cfg.rms_norm_eps)
         # ONNX export cannot take enable_gqa: it switches to an explicit expand
         self.expand_kv = False
 
-    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
+    def _rope(
+        self, x: Tensor, cos: Tensor, sin: Tensor, heads: int, norm: HeadNorm | None
+    ) -> Tensor:
         B, T, _ = x.shape
         x = x.view(B, T, self.n_kv, heads, self.d_qk)  # (B, T, n_kv, heads, d_qk)
+        if norm is not None:
+            x = norm(x)
         x = x * cos + _rotate_half(x) * sin
         return x.view(B, T, self.n_kv * heads, self.d_qk).transpose(1, 2)  # (B, h, T, d)
 
@@ -166,8 +204,8 @@ class LlamaAttention(nn.Module):
         else:
             assert rope is not None  # the model passes rope whenever d_qk > 0
             cos, sin = rope
-            q = self._rope(q, cos, sin, self.group)  # (B, n_q, T, d_qk)
-            k = self._rope(k, cos, sin, 1)  # (B, n_kv, T, d_qk)
+            q = self._rope(q, cos, sin, self.group, self.q_norm)  # (B, n_q, T, d_qk)
+            k = self._rope(k, cos, sin, 1, self.k_norm)  # (B, n_kv, T, d_qk)
         if cache is not None:
             k, v = cache.update(index, k, v)  # (B, n_kv, S, d)
         causal = mask is None and k.shape[2] == T  # no past keys: plain causal prefill
@@ -236,6 +274,7 @@ class PrunedLlamaModel(nn.Module):
         self._rope_key: tuple = ()
         self._rope_freqs: Tensor | None = None
         self._rope_slices: list[tuple[int, int]] = []
+        self._sliding = set(cfg.sliding_layers) if cfg.sliding_window else set()
 
     def _all_freqs(self) -> tuple[Tensor, list[tuple[int, int]]]:
         """Every layer's [inv_freq, inv_freq] (n_kv*d_qk values) in one vector, so cos/sin
@@ -282,6 +321,12 @@ class PrunedLlamaModel(nn.Module):
             pos = torch.arange(past, S, device=dev)[None].expand(B, T)
             if cache is not None and past > 0 and T > 1:
                 mask = (kpos <= qpos)[None, None]  # chunk after a prefix: bottom-right causal
+        window_mask = mask
+        w = self.config.sliding_window
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if self._sliding and w and (tracing or S > w):
+            base = mask if mask is not None else (kpos <= qpos)[None, None]
+            window_mask = base & (kpos > qpos - w)[None, None]  # (B|1, 1, T, S)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         freqs, slices = self._all_freqs()
         ang = pos[:, :, None].float() * freqs  # (B, T, sum over layers of n_kv*d_qk)
@@ -295,7 +340,7 @@ class PrunedLlamaModel(nn.Module):
             if a.d_qk:
                 shape = (B, T, a.n_kv, 1, a.d_qk)
                 rope = (cos_all[..., lo:hi].view(shape), sin_all[..., lo:hi].view(shape))
-            x = layer(x, rope, mask, cache, i)
+            x = layer(x, rope, window_mask if i in self._sliding else mask, cache, i)
         if cache is not None:
             cache.length = S
         if last_only:
@@ -303,21 +348,6 @@ class PrunedLlamaModel(nn.Module):
         return self.lm_head(self.norm(x))
 
     # ---------------------------------------------------------------- generation
-    @staticmethod
-    def _pick(
-        logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-    ) -> Tensor:
-        """Next token per row from (B, vocab) logits: greedy at temperature 0."""
-        if temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        if top_p < 1.0:
-            sp, si = probs.sort(dim=-1, descending=True)
-            drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix reaching top_p
-            sp = sp.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, si, sp)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
     @torch.inference_mode()
     def stream(
         self,
@@ -345,7 +375,7 @@ class PrunedLlamaModel(nn.Module):
         prev = torch.zeros(B, dtype=torch.long, device=input_ids.device)
         am = attention_mask
         for step in range(max_new_tokens):
-            nxt = torch.where(done, prev, self._pick(logits, temperature, top_p, generator))
+            nxt = torch.where(done, prev, sample(logits, temperature, top_p, generator))
             yield nxt
             done = done | torch.isin(nxt, stop_t)
             if bool(done.all()) or step == max_new_tokens - 1:
@@ -354,12 +384,6 @@ class PrunedLlamaModel(nn.Module):
             if am is not None:
                 am = torch.cat([am, am.new_ones(B, 1)], dim=1)
             logits = self(nxt[:, None], am, cache)[:, -1]
-
-    def stream_tokens(self, input_ids: Tensor | list[int], max_new_tokens: int, **kw):
-        """Single-sequence streaming for the inference server: yields ints."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
-        for t in self.stream(ids, max_new_tokens, **kw):
-            yield int(t[0])
 
     def generate(
         self,

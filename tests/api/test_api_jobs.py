@@ -92,6 +92,31 @@ def test_bad_requests(client, make_headers):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
+def test_models_that_cannot_prune_are_refused_at_creation(client, make_headers, settings, tmp_path):
+    """A type/task pair that could train but not prune never becomes a job."""
+    import json
+
+    h = make_headers("jobs-types")
+    fid = _file(client, h)  # a classification file
+    r = client.post(
+        "/v1/fine_tuning/jobs", headers=h, json={**job_body(fid), "model": "smollm2-135m"}
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "model" and err["code"] == "model_task_mismatch"
+    assert "decoder" in err["message"] and "classification" in err["message"]
+    # a registry entry written before the family table (registration now refuses it)
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    (settings.data_path / "models.json").write_text(json.dumps({"old-gpt2": str(folder)}))
+    r = client.post("/v1/fine_tuning/jobs", headers=h, json={**job_body(fid), "model": "old-gpt2"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "model_not_supported" and "distilbert" in err["message"]
+
+
 def test_idempotency_key(client, make_headers, enqueued):
     h = make_headers("jobs-idem")
     fid = _file(client, h)

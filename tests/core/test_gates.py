@@ -406,4 +406,7 @@ def test_trainable_state_dict_roundtrip(tiny_llama):
 
 
 def test_default_targets_table_is_complete():
-    assert set(DEFAULT_TARGETS) == {"bert", "llama"}
+    from core.families import LAYOUTS, MODEL_TYPES
+
+    assert set(DEFAULT_TARGETS) == set(LAYOUTS)
+    assert {spec.layout.name for spec in MODEL_TYPES.values()} == set(LAYOUTS)

@@ -133,7 +133,7 @@ def test_greedy_generation_identical_to_gated():
             nxt = model(input_ids=ref).logits[:, -1].argmax(-1, keepdim=True)
             ref = torch.cat([ref, nxt], 1)
     assert ours.tolist() == ref.tolist()
-    streamed = list(pm.stream_tokens(ids[0].tolist(), 12, stop_token_ids=[]))
+    streamed = [int(t[0]) for t in pm.stream(ids, 12, stop_token_ids=[])]
     assert streamed == ref[0, 5:].tolist()
 
 

@@ -1,4 +1,4 @@
-"""describe(), build_plan() coupling rules, validation and measured sparsity (method.md §3).
+"""describe(), build_plan() coupling rules, plan validation and measured sparsity (method.md §3).
 
 Counts are worked out by hand for the tiny models:
 - BERT: hidden 32, 4 heads x 8, intermediate 64. Per layer q,k,v,o = 1024 each,
@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from core.errors import PlanError, UnsupportedModelError
+from core.expectation import expected_removed_fraction
 from core.gates import gated_modules, inject_gates
+from core.plan_check import validate_plan
 from core.structure import (
     PrunePlan,
     build_plan,
     describe,
-    expected_removed_fraction,
     measured_sparsity,
     sparsity_by_type,
 )
@@ -146,7 +147,7 @@ def test_bert_some_dims_dead_uniform_padding():
     plan = build_plan(model)
     removed = 4 * 32 * 2 + 4 * 32 * 2  # 1 q/k dim per head (q, k rows) + 1 v/o dim (v, o)
     assert plan.gated_params_before - plan.gated_params_after == removed
-    plan.validate(S)
+    validate_plan(model, plan)
 
 
 def test_bert_ffn_union_rule_and_whole_ffn_dead():
@@ -268,7 +269,7 @@ def test_rope_pair_kept_if_either_half_lives():
     close(model, ls.k, rows=[5, 8 + 5])  # now the whole pair (1, 5) is closed in k
     lp = build_plan(model, equal_head_dims=False).layers[0]
     assert lp.qk_dims == [[0, 2, 3, 4, 6, 7]] * 2
-    build_plan(model, equal_head_dims=False).validate(S)
+    validate_plan(model, build_plan(model, equal_head_dims=False))
 
 
 def _attn_logits(model, ids):
@@ -349,7 +350,7 @@ def test_plan_removes_only_dead_groups(family, seed, p):
     model, S = _gated(family)
     _random_saturated(model, seed, p)
     plan = build_plan(model)
-    plan.validate(S)
+    validate_plan(model, plan)
     ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(seed))
     before = _attn_logits(model, ids)
     _close_everything_removed(model, S, plan)
@@ -367,7 +368,7 @@ def test_plan_json_roundtrip_and_validate_rejects_bad_plans():
     plan = build_plan(model)
     again = PrunePlan.from_json(plan.to_json())
     assert again == plan
-    again.validate(S)
+    validate_plan(model, again)
 
     def broken(mutate) -> PrunePlan:
         p = PrunePlan.from_json(plan.to_json())
@@ -388,7 +389,7 @@ def test_plan_json_roundtrip_and_validate_rejects_bad_plans():
         bad.append(lambda p: setattr(p.layers[0], "qk_dims", [[0, 1], [0, 1]]))  # split pairs
     for mutate in bad:
         with pytest.raises(PlanError):
-            broken(mutate).validate(S)
+            validate_plan(model, broken(mutate))
     with pytest.raises(PlanError):
         PrunePlan.from_json("{not json")
 

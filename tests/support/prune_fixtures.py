@@ -1,6 +1,9 @@
 """Helpers for the pruning tests: set gates to chosen dead patterns, and a small
 independent reference planner (so prune tests do not only trust core.structure).
 
+The module access below is written out per Hugging Face architecture on purpose rather
+than read from core.families, so a wrong entry in that table shows up as a mismatch.
+
 Gate logits: CLOSED (tanh <= -0.5 -> eval gate exactly 0), OPEN (gate 1), or
 fractional values (a gate in (0, 1): scaled, not removed).
 """
@@ -28,11 +31,27 @@ def gate(model, seed: int = 0):
 
 
 def _encoder(model):
-    return getattr(model, "bert", None) or getattr(model, "roberta", None)
+    for attr in ("bert", "roberta", "electra", "distilbert"):
+        if hasattr(model, attr):
+            return getattr(model, attr)
+    return None
 
 
 def _layers(model):
-    if _encoder(model) is not None:
+    enc = _encoder(model)
+    if hasattr(model, "distilbert"):
+        return [
+            {
+                "q": lyr.attention.q_lin,
+                "k": lyr.attention.k_lin,
+                "v": lyr.attention.v_lin,
+                "o": lyr.attention.out_lin,
+                "up": lyr.ffn.lin1,
+                "down": lyr.ffn.lin2,
+            }
+            for lyr in enc.transformer.layer
+        ]
+    if enc is not None:
         return [
             {
                 "q": lyr.attention.self.query,
@@ -42,7 +61,7 @@ def _layers(model):
                 "up": lyr.intermediate.dense,
                 "down": lyr.output.dense,
             }
-            for lyr in _encoder(model).encoder.layer
+            for lyr in enc.encoder.layer
         ]
     return [
         {
@@ -56,6 +75,11 @@ def _layers(model):
         }
         for lyr in model.model.layers
     ]
+
+
+def _qk_norm(model) -> bool:
+    """Qwen3: per-head RMSNorm on q and k (a q/k dim must be closed on both sides)."""
+    return _encoder(model) is None and hasattr(model.model.layers[0].self_attn, "q_norm")
 
 
 def close_rows(mod, rows):
@@ -83,12 +107,13 @@ def apply_pattern(model, pattern: str, seed: int = 0):
     kv = getattr(cfg, "num_key_value_heads", None) or H
     group = H // kv
     llama = _encoder(model) is None
+    qk_norm = _qk_norm(model)
     L = _layers(model)
     gen = torch.Generator().manual_seed(seed + 1)
     if pattern == "none":
         return model
     if pattern == "ffn":
-        close_rows(L[0]["up"], range(cfg.intermediate_size))
+        close_rows(L[0]["up"], range(L[0]["up"].out_features))
         return model
     if pattern == "heads":
         kill_head(model, 0, 1, hd)
@@ -112,7 +137,9 @@ def apply_pattern(model, pattern: str, seed: int = 0):
             close_rows(m["q"], [(g * group + j) * hd + d for j in range(group) for d in dims_q])
             if llama:  # a half-dead pair must stay
                 close_rows(m["k"], [g * hd + p[1]])
-        n = cfg.intermediate_size
+            if qk_norm:  # q/k norms: only a pair closed on both sides goes
+                close_rows(m["q"], [(g * group + j) * hd + d for j in range(group) for d in dims_k])
+        n = m["up"].out_features
         close_rows(m["up"], torch.randperm(n, generator=gen)[: n // 4].tolist())
         close_cols(m["down"], torch.randperm(n, generator=gen)[: n // 8].tolist())
         if "gate" in m:
@@ -128,6 +155,7 @@ def reference_plan(model) -> dict:
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     kv = getattr(cfg, "num_key_value_heads", None) or H
     llama = _encoder(model) is None
+    qk_norm = _qk_norm(model)
     if not llama:
         kv = H
     group = H // kv
@@ -153,7 +181,7 @@ def reference_plan(model) -> dict:
                 k_live = (k_live[:half] | k_live[half:]).repeat(2)
                 q_live = (q_live[:half] | q_live[half:]).repeat(2)
             live_groups.append(g)
-            qk.append(k_live & q_live)
+            qk.append((k_live | q_live) if qk_norm else (k_live & q_live))
             vo.append(vo_live)
 
         def pad(masks, pairs):

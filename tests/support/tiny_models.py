@@ -8,6 +8,13 @@ weights. Sizes follow tests/conftest.py's contract:
 - Llama: hidden 48, 2 layers, 6 query heads, 2 KV heads (GQA, 3 q heads per group),
   head_dim 8, intermediate 64, vocab 100, RoPE, tied embeddings (like SmolLM2).
 
+`build_tiny(model_type)` builds the same sizes for every model type of the family table
+(core.families): encoders as sequence classifiers (3 labels), decoders as causal LMs.
+Type-specific parts are switched on so a test can see them: ELECTRA's embedding
+projection (embedding_size 16), Qwen2's attention biases, a sliding window of 8 tokens
+(Mistral on every layer, Qwen2/Qwen3 on layer 1 only), and Qwen3's q/k norms with random
+weights (HF initialises them to ones, which would hide a wrong dim).
+
 `initializer_range` is raised to 0.2 so activations are large enough that exactness
 tests at 1e-4 could actually fail when something is wrong.
 """
@@ -101,8 +108,120 @@ def build_tiny_llama(seed: int = 0, **config_overrides):
     return model.eval()
 
 
-def build_bert_tokenizer(directory: str | Path):
-    """A WordPiece BertTokenizerFast whose vocab fits in VOCAB_SIZE ids."""
+_ENCODER_SIZES = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "initializer_range": 0.2,
+    "num_labels": len(BERT_LABELS),
+    "id2label": dict(enumerate(BERT_LABELS)),
+    "label2id": {n: i for i, n in enumerate(BERT_LABELS)},
+}
+SLIDING_WINDOW = 8
+
+
+def _decoder_kwargs() -> dict:
+    return {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+        "initializer_range": 0.2,
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "attention_dropout": 0.0,
+    }
+
+
+def _tiny_config(model_type: str):
+    import transformers as tf
+
+    if model_type == "bert":
+        return bert_config()
+    if model_type in ("roberta", "xlm-roberta", "camembert"):
+        cls = {
+            "roberta": tf.RobertaConfig,
+            "xlm-roberta": tf.XLMRobertaConfig,
+            "camembert": tf.CamembertConfig,
+        }[model_type]
+        # RoBERTa numbers positions from pad_token_id + 1: room for 64 tokens + 2
+        return cls(**{**_ENCODER_SIZES, "max_position_embeddings": 66}, type_vocab_size=1,
+                   pad_token_id=1, bos_token_id=0, eos_token_id=2)  # fmt: skip
+    if model_type == "electra":
+        return tf.ElectraConfig(**_ENCODER_SIZES, embedding_size=16, type_vocab_size=2,
+                                pad_token_id=0)  # fmt: skip
+    if model_type == "distilbert":
+        return tf.DistilBertConfig(
+            vocab_size=VOCAB_SIZE, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+            seq_classif_dropout=0.0, initializer_range=0.2, pad_token_id=0,
+            num_labels=len(BERT_LABELS), id2label=dict(enumerate(BERT_LABELS)),
+            label2id={n: i for i, n in enumerate(BERT_LABELS)},
+        )  # fmt: skip
+    if model_type == "llama":
+        return llama_config()
+    kw = _decoder_kwargs()
+    if model_type == "mistral":
+        return tf.MistralConfig(**kw, sliding_window=SLIDING_WINDOW, rope_theta=10000.0)
+    window = {"use_sliding_window": True, "sliding_window": SLIDING_WINDOW,
+              "max_window_layers": 1}  # fmt: skip
+    if model_type == "qwen2":
+        return tf.Qwen2Config(**kw, **window)
+    if model_type == "qwen3":
+        return tf.Qwen3Config(**kw, **window)
+    raise ValueError(f"no tiny config for model_type {model_type!r}")
+
+
+def build_tiny(model_type: str, seed: int = 0):
+    """A seeded tiny model of ``model_type`` in eval mode: encoders are sequence
+    classifiers, decoders causal LMs (see the module docstring for sizes)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from core.families import ENCODER, require
+
+    cfg = _tiny_config(model_type)
+    torch.manual_seed(seed)
+    if require(model_type).family == ENCODER:
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5, generator=gen))
+    return model.eval()
+
+
+def save_tiny(model_type: str, directory: str | Path, seed: int = 0) -> Path:
+    """A loadable HF folder (safetensors + config + tokenizer) for ``build_tiny``."""
+    from core.families import ENCODER, require
+
+    directory = Path(directory)
+    model = build_tiny(model_type, seed)
+    model.save_pretrained(directory, safe_serialization=True)
+    if require(model_type).family == ENCODER:
+        tok = build_bert_tokenizer(directory, token_types=model_type != "distilbert")
+    else:
+        tok = build_llama_tokenizer()
+    tok.save_pretrained(directory)
+    return directory
+
+
+def build_bert_tokenizer(directory: str | Path, token_types: bool = True):
+    """A WordPiece BertTokenizerFast whose vocab fits in VOCAB_SIZE ids (``token_types``
+    False: no token_type_ids, as DistilBERT's tokenizer)."""
     from transformers import BertTokenizerFast
 
     directory = Path(directory)
@@ -116,8 +235,12 @@ def build_bert_tokenizer(directory: str | Path):
     vocab_file = directory / "vocab.txt"
     vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
     # transformers 5 builds the backend from a dict (a path string is not read as a file)
+    names = ["input_ids", "token_type_ids", "attention_mask"]
     tok = BertTokenizerFast(
-        vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=64
+        vocab={t: i for i, t in enumerate(vocab)},
+        do_lower_case=True,
+        model_max_length=64,
+        model_input_names=names if token_types else [names[0], names[2]],
     )
     return tok
 
