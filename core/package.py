@@ -324,8 +324,8 @@ def build_artifact(
         try:
             pr = prune_run(run_dir, check_batch=check_batch, **(prune_kwargs or {}))
             write_artifact(pr.pruned, pr.tokenizer, stage, **pr.fields)
-            del pr  # the gated model is not needed any more
-            # what is exported and measured is what will be served: the written files
+            del pr
+            # export and measure what will be served: the model as read back from disk
             loaded = load_artifact(stage, load_tokenizer=False)
         except Exception as exc:
             log.exception("pruning %s failed", run_dir)

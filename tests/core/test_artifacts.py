@@ -212,3 +212,44 @@ def test_save_artifact_replaces_a_folder_atomically(tmp_path, monkeypatch):
     assert not (out / "stale.bin").exists()
     torch.testing.assert_close(load_artifact(out).model(IDS), pm2(IDS), atol=0, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "tok", "tok2"]
+
+
+def test_a_manifest_from_the_previous_writer_still_loads(tmp_path):
+    """Before the typed schema, problem_type & co. were optional extras and report.json
+    sat unlisted beside the manifest; such an artifact still loads and reads the same."""
+    out, pm = _bert_artifact(tmp_path)
+    mpath = out / "manifest.json"
+    m = json.loads(mpath.read_text())
+    for key in ("problem_type", "measured_sparsity", "max_length", "source_run"):
+        del m[key]
+    m["synthetic_fraction"] = 0.5  # a free-form extra of the old writer
+    mpath.write_text(json.dumps(m))
+    (out / "report.json").write_text(json.dumps({"latency": []}))
+    la = load_artifact(out)
+    torch.testing.assert_close(la.model(IDS), pm(IDS), atol=0, rtol=0)
+    assert la.manifest.problem_type is None and la.manifest["synthetic_fraction"] == 0.5
+    assert la.manifest.labels() == list(BERT_LABELS)
+    assert "report.json" not in la.manifest.files
+    again = type(la.manifest).from_dict(la.manifest.to_dict())
+    assert again == la.manifest and dict(again)["synthetic_fraction"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("task", 3, "manifest field 'task' must be a string or null, got int"),
+        ("id2label", {"0": 1}, "id2label must map class indices to label strings"),
+        ("id2label", {"first": "a"}, "id2label must map class indices"),
+        ("files", {"model.safetensors": {"sha256": 1}}, r"files\['model.safetensors'\]"),
+        ("max_length", "128", "'max_length' must be an integer or null, got str"),
+        ("format_version", [1], "unknown format_version \\[1\\]"),
+    ],
+)
+def test_manifest_fields_of_the_wrong_type_are_refused(tmp_path, key, value, match):
+    out, _ = _bert_artifact(tmp_path)
+    mpath = out / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m[key] = value
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=match):
+        load_artifact(out)
