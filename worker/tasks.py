@@ -115,7 +115,7 @@ def _file_path(s: Session, storage: LocalStorage, file_id: str | None) -> str | 
     return str(storage.path(row.storage_key))
 
 
-def package_run(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str, Any]:
+def _package(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str, Any]:
     """Build and publish the job's artifact (core.package.build_artifact) and return the
     compression summary stored on the job and the models row.
 
@@ -246,7 +246,7 @@ def _run_claimed(
             f"sparsity {sparsity:.3f}"
         )
         artifact_rel = Path("artifacts") / job_id
-        summary = package_run(run_dir, settings.data_path / artifact_rel, cb)
+        summary = _package(run_dir, settings.data_path / artifact_rel, cb)
         summary.setdefault("measured_sparsity", sparsity)
         target = (job.hyperparameters or {}).get("target_sparsity")
         if target is None:
