@@ -298,7 +298,8 @@ def run_smollm2(out: Path, steps: int, data: dict[str, Path], device: str) -> di
     from core.config import Hyperparameters, JobConfig
     from core.modeling import load_base
     from core.tokenize import Collator, encode_lm
-    from core.train import _autocast_factory, evaluate, load_gated_run, train
+    from core.train import evaluate, load_gated_run, train
+    from core.train_setup import autocast_factory
 
     dev = torch.device(device)
     max_len = LM_MAX_LEN
@@ -307,7 +308,7 @@ def run_smollm2(out: Path, steps: int, data: dict[str, Path], device: str) -> di
     test_recs = [json.loads(x) for x in data["bbc_test"].read_text().splitlines()]
     enc = encode_lm(test_recs, base.tokenizer, max_len, "text")
     collate = Collator(base.tokenizer.pad_token_id, lm=True)
-    ac = _autocast_factory(dev, "auto")
+    ac = autocast_factory(dev, "auto")
     base.model.to(dev)
     ppl_before = evaluate(base.model, enc.examples, collate, "sparsify", None, 8, dev, ac)[
         "perplexity"

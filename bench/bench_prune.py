@@ -101,7 +101,8 @@ def _synthetic_artifact(name: str, fraction: float, out: Path, **prune_kw) -> Pa
     from core.artifacts import save_artifact
     from core.catalog import resolve_model
     from core.modeling import load_base
-    from core.prune import compression_figures, diff_and_scale, original_shape, prune_model
+    from core.package import original_shape
+    from core.prune import compression_figures, diff_and_scale, prune_model
     from core.train import default_data_dir
 
     data_dir = default_data_dir()  # the fp32 SmolLM2 cache is shared with training
@@ -136,10 +137,10 @@ def _synthetic_artifact(name: str, fraction: float, out: Path, **prune_kw) -> Pa
 
 
 def _run_artifact(run_dir: Path, out: Path, name: str, **prune_kw) -> Path:
-    from core.prune import prune_run
+    from core.package import build_artifact
 
     art = out / f"{name}_artifact"
-    prune_run(run_dir, art, **prune_kw)
+    build_artifact(run_dir, art, onnx=False, report=False, prune_kwargs=prune_kw)
     return art
 
 

@@ -70,19 +70,6 @@ class TrainerCallback(Protocol):
     def on_checkpoint(self, record: CheckpointRecord) -> bool | None: ...
 
 
-class NullCallback:
-    """Listens to nothing; the default when the caller passes no callback."""
-
-    def on_step(self, record: StepRecord) -> bool | None:
-        return None
-
-    def on_eval(self, record: EvalRecord) -> bool | None:
-        return None
-
-    def on_checkpoint(self, record: CheckpointRecord) -> bool | None:
-        return None
-
-
 class CallbackList:
     """Fans records out to several callbacks; stops if any of them asks to."""
 

@@ -6,7 +6,8 @@ flattened by PARAMETER NAME (not index) into safetensors; hyperparameters and sc
 to JSON. The RNG states (torch CPU/CUDA as uint8 tensors, Python/NumPy as JSON) and the
 data position make N steps + resume + N steps equal 2N steps straight.
 
-Layout of ``checkpoints/step-N/``: trainable.safetensors, optimizer.safetensors,
+Layout of ``checkpoints/step-N/`` (its file names and format tag are part of the run
+directory format, core.rundir): trainable.safetensors, optimizer.safetensors,
 rng.safetensors, state.json (step, data position, optimizer/scheduler/objective scalars,
 Python/NumPy RNG, metrics). Written to a temp dir and renamed, so a crash never leaves a
 half checkpoint that resume would pick up.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,9 +28,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.errors import TrainingError
+from core.errors import RunDirError, TrainingError
+from core.rundir import (
+    CHECKPOINT_FORMAT,
+    CKPT_OPTIMIZER,
+    CKPT_RNG,
+    CKPT_STATE,
+    CKPT_TRAINABLE,
+    STEP_DIR,
+)
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
 _TENSOR_REF = "__tensor__"
 
 
@@ -179,19 +186,19 @@ def save_checkpoint(
             for n, p in model.named_parameters()
             if p.requires_grad
         }
-        save_file(trainable, str(tmp / "trainable.safetensors"))
+        save_file(trainable, str(tmp / CKPT_TRAINABLE))
         opt_t, opt_meta = optimizer_to_flat(optimizer, model)
-        save_file(opt_t, str(tmp / "optimizer.safetensors"))
+        save_file(opt_t, str(tmp / CKPT_OPTIMIZER))
         rng_t, rng_meta = rng_state()
         obj_t: dict[str, torch.Tensor] = {}
         obj_meta = _split_tensors(objective_state or {}, "objective", obj_t)
-        save_file({**rng_t, **obj_t}, str(tmp / "rng.safetensors"))
+        save_file({**rng_t, **obj_t}, str(tmp / CKPT_RNG))
         sched = scheduler.state_dict() if scheduler is not None else None
         if sched is not None and "lr_lambdas" in sched:
             # plain functions are stored as None by LambdaLR; rebuilt from the config
             sched["lr_lambdas"] = [None for _ in sched["lr_lambdas"]]
         state = {
-            "format": "finegates-checkpoint/1",
+            "format": CHECKPOINT_FORMAT,
             "step": int(step),
             "data_position": data_position,
             "optimizer": opt_meta,
@@ -200,7 +207,7 @@ def save_checkpoint(
             "objective": obj_meta,
             "extra": extra or {},
         }
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float), "utf-8")
+        (tmp / CKPT_STATE).write_text(json.dumps(state, indent=1, default=float), "utf-8")
         _commit_dir(tmp, final)
     finally:
         if tmp.exists():
@@ -209,12 +216,18 @@ def save_checkpoint(
 
 
 def read_checkpoint_state(ckpt_dir: Path | str) -> dict[str, Any]:
-    return json.loads((Path(ckpt_dir) / "state.json").read_text("utf-8"))
+    """state.json of one checkpoint; a checkpoint of an unknown format is refused."""
+    path = Path(ckpt_dir) / CKPT_STATE
+    state = json.loads(path.read_text("utf-8"))
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt != CHECKPOINT_FORMAT:
+        raise RunDirError(f"{path}: unknown checkpoint format {fmt!r} (reads {CHECKPOINT_FORMAT})")
+    return state
 
 
 def load_trainable(ckpt_dir: Path | str, model: nn.Module) -> None:
     """Copy a checkpoint's trainable tensors into the model (names must match)."""
-    tensors = load_file(str(Path(ckpt_dir) / "trainable.safetensors"))
+    tensors = load_file(str(Path(ckpt_dir) / CKPT_TRAINABLE))
     params = dict(model.named_parameters())
     for n, t in tensors.items():
         if n not in params or params[n].shape != t.shape:
@@ -236,11 +249,11 @@ def load_checkpoint(
     state = read_checkpoint_state(ckpt_dir)
     load_trainable(ckpt_dir, model)
     if optimizer is not None:
-        opt_t = load_file(str(ckpt_dir / "optimizer.safetensors"))
+        opt_t = load_file(str(ckpt_dir / CKPT_OPTIMIZER))
         optimizer_from_flat(optimizer, model, opt_t, state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    extra_t = load_file(str(ckpt_dir / "rng.safetensors"))
+    extra_t = load_file(str(ckpt_dir / CKPT_RNG))
     if restore_rng:
         set_rng_state({k: v for k, v in extra_t.items() if k.startswith("torch_")}, state["rng"])
     state["objective"] = _join_tensors(state.get("objective") or {}, extra_t)
@@ -255,7 +268,7 @@ def list_checkpoints(root: Path | str) -> list[tuple[int, Path]]:
     out = []
     for d in root.iterdir():
         m = STEP_DIR.match(d.name)
-        if m and (d / "state.json").is_file():
+        if m and (d / CKPT_STATE).is_file():
             out.append((int(m.group(1)), d))
     return sorted(out)
 

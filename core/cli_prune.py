@@ -1,10 +1,19 @@
-"""`finegates prune | export | bench`: the artifact commands (registered by core.cli)."""
+"""`finegates prune | export | bench`: the artifact commands (registered by core.cli).
+
+All three go through core.package, the pipeline the worker uses: an artifact is built
+in a staging folder and published with one rename, its manifest hashing every file.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from core.package import PackageEvent
 
 
 def register(subparsers) -> None:
@@ -15,7 +24,15 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_cmd_prune)
 
-    e = subparsers.add_parser("export", help="export an artifact (ONNX)")
+    e = subparsers.add_parser(
+        "export",
+        help="export an artifact (ONNX)",
+        description="Add model.onnx to an existing artifact. The artifact is rebuilt in a "
+        "staging folder beside it (files checked against the manifest, model.onnx added, "
+        "manifest re-hashed) and republished in place with one rename: readers see the "
+        "old artifact or the new one, never a mix. If the export fails, the artifact is "
+        "left as it was.",
+    )
     e.add_argument("artifact_dir", type=Path)
     e.add_argument("--onnx", action="store_true", required=True, help="write model.onnx")
     e.set_defaults(func=_cmd_export)
@@ -34,17 +51,28 @@ def register(subparsers) -> None:
         "--backends", default="torch,onnxruntime", help="torch and/or onnxruntime (comma list)"
     )
     b.add_argument("--decode-tokens", type=int, default=32, help="decoders: tokens per run")
-    b.add_argument("--no-save", action="store_true", help="do not write report.json")
+    b.add_argument(
+        "--no-save",
+        action="store_true",
+        help="do not write report.json (by default it is added to the artifact, which is "
+        "republished with a re-hashed manifest)",
+    )
     b.set_defaults(func=_cmd_bench)
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
-    from core.prune import prune_run
+def _warn(event: PackageEvent) -> None:
+    if event.level == "warning":
+        print(f"warning: {event.message}", file=sys.stderr)
 
-    manifest = prune_run(args.run_dir, args.output)
-    c = manifest.get("compression", {})
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from core.package import build_artifact
+
+    result = build_artifact(args.run_dir, args.output, onnx=False, report=False, on_event=_warn)
+    manifest = result.manifest
+    c = manifest.compression
     if args.json:
-        print(json.dumps(manifest, default=float))
+        print(json.dumps(manifest.to_dict(), default=float))
     else:
         print(
             f"wrote {args.output}: gated params {c.get('gated_params_before')} -> "
@@ -55,10 +83,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from core.onnx_export import export_artifact_onnx
+    from core.manifest import ONNX
+    from core.package import rebuild_artifact
 
-    path = export_artifact_onnx(args.artifact_dir)
-    print(f"wrote {path}")
+    rebuild_artifact(args.artifact_dir, onnx=True, on_event=_warn)
+    print(f"wrote {Path(args.artifact_dir) / ONNX}")
     return 0
 
 
@@ -76,23 +105,21 @@ def _parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from core.artifacts import load_artifact
-    from core.report import compression_report, format_report
+    from core.package import measure, rebuild_artifact
+    from core.report import format_report
 
-    loaded = load_artifact(args.artifact_dir, load_tokenizer=False)
-    report = compression_report(
-        loaded.model,
-        loaded.manifest,
-        artifact_dir=args.artifact_dir,
-        shapes=_parse_shapes(args.shapes),
-        runs=args.runs,
-        warmup=args.warmup,
-        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
-        decode_tokens=args.decode_tokens,
-    )
-    if not args.no_save:  # not hashed in the manifest: a measurement, re-made at will
-        (Path(args.artifact_dir) / "report.json").write_text(
-            json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8"
-        )
+    kw: dict[str, Any] = {
+        "shapes": _parse_shapes(args.shapes),
+        "backends": tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "decode_tokens": args.decode_tokens,
+    }
+    report: dict[str, Any] | None
+    if args.no_save:
+        report = measure(args.artifact_dir, **kw)
+    else:
+        report = rebuild_artifact(args.artifact_dir, report=True, on_event=_warn, **kw).report
+    assert report is not None  # a required phase here: it raises instead of giving None
     print(json.dumps(report, default=float) if args.json else format_report(report))
     return 0

@@ -99,3 +99,10 @@ class PruningError(FineGatesError, RuntimeError):
 class TrainingError(FineGatesError, RuntimeError):
     code = "training_failed"
     user_error = False
+
+
+class RunDirError(FineGatesError, ValueError):
+    """A run directory this engine cannot read: written by a newer engine, or not one."""
+
+    code = "invalid_run_dir"
+    user_error = False

@@ -12,6 +12,9 @@ marks batch and sequence axes dynamic through ``dynamic_axes``.
   (batch, seq, vocab). NO KV cache: each call recomputes the whole prefix, so it suits
   scoring/perplexity and short prompts, not long generations (the torch model has the
   cache).
+
+An artifact's model.onnx is written by core.package while the artifact is being built,
+so the manifest hashes it like every other file.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ import torch
 from torch import nn
 
 from core.errors import ArtifactError
+from core.manifest import ONNX as ONNX_FILE
 from core.pruned import PrunedBertModel, PrunedLlamaModel
 
-ONNX_FILE = "model.onnx"
 OPSET = 17
 
-__all__ = ["export_onnx", "export_artifact_onnx", "OnnxRunner", "OnnxClassifier", "OnnxCausalLM"]
+__all__ = ["ONNX_FILE", "export_onnx", "OnnxRunner", "OnnxClassifier", "OnnxCausalLM"]
 
 
 class _LMWrapper(nn.Module):
@@ -93,17 +96,6 @@ def export_onnx(
     finally:
         for a in expand:
             a.expand_kv = False
-    return path
-
-
-def export_artifact_onnx(artifact_dir: str | Path) -> Path:
-    """Export an artifact's model to ``model.onnx`` inside it and list it in the manifest."""
-    from core.artifacts import load_artifact, register_files
-
-    artifact_dir = Path(artifact_dir)
-    loaded = load_artifact(artifact_dir, load_tokenizer=False)
-    path = export_onnx(loaded.model, artifact_dir / ONNX_FILE)
-    register_files(artifact_dir, [ONNX_FILE])
     return path
 
 

@@ -1,7 +1,7 @@
 """Compression report: parameters, file sizes, paper count vs physical removal, latency.
 
 The "dense" reference is the same engine implementation (core.pruned) at the BASE
-model's full per-layer shapes (``manifest["original_shape"]``), i.e. what the gated model
+model's full per-layer shapes (``Manifest.original_shape``), i.e. what the gated model
 becomes when its gates are folded and nothing is removed. Weight values do not change
 CPU latency, so the dense reference is built with default-initialised weights; that
 keeps `bench` independent of the base model files and compares like with like (same
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from core.manifest import ONNX, WEIGHTS, Manifest
 from core.pruned import (
     BertLayerShape,
     LlamaLayerShape,
@@ -187,7 +188,7 @@ def _decode_tok_s(
 # ----------------------------------------------------------------------------- report
 def compression_report(
     model: nn.Module,
-    manifest: dict,
+    manifest: Manifest,
     artifact_dir: str | Path | None = None,
     shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES,
     runs: int = 20,
@@ -198,14 +199,14 @@ def compression_report(
     dense: nn.Module | None = None,
 ) -> dict:
     """The report as a JSON-able dict (contract keys at the top level)."""
-    comp = dict(manifest.get("compression") or {})
+    comp = dict(manifest.compression)
     if dense is None:
-        dense = dense_reference(model, manifest.get("original_shape"))
+        dense = dense_reference(model, manifest.original_shape)
     model.eval()
     is_lm = isinstance(model, PrunedLlamaModel)
     report: dict[str, Any] = {
-        "family": manifest.get("family"),
-        "base_model": (manifest.get("base_model") or {}).get("id"),
+        "family": manifest.family,
+        "base_model": manifest.base_model["id"],
         "params_before": comp.get("params_before"),
         "params_after": comp.get("params_after", _n_params(model)),
         "gated_params_before": comp.get("gated_params_before"),
@@ -229,7 +230,7 @@ def compression_report(
     files = {}
     if artifact_dir is not None:
         artifact_dir = Path(artifact_dir)
-        for name in ("model.safetensors", "model.onnx"):
+        for name in (WEIGHTS, ONNX):
             p = artifact_dir / name
             if p.is_file():
                 files[name] = p.stat().st_size

@@ -13,7 +13,6 @@ training callback reads, never ``revoke(terminate=True)``.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import re
@@ -116,104 +115,31 @@ def _file_path(s: Session, storage: LocalStorage, file_id: str | None) -> str | 
     return str(storage.path(row.storage_key))
 
 
-def _artifact_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+def _package(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str, Any]:
+    """Build and publish the job's artifact (core.package.build_artifact) and return the
+    compression summary stored on the job and the models row.
 
-
-def _report_shapes(model: Any) -> tuple[tuple[int, int], ...]:
-    """The report's default (batch, seq_len) shapes, capped at the model's position limit
-    (a small model cannot time a 128-token input it has no positions for)."""
-    from core import report
-
-    shapes = getattr(report, "DEFAULT_SHAPES", ((1, 64), (32, 128)))
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0:
-        return tuple(shapes)
-    return tuple((b, min(t, limit)) for b, t in shapes)
-
-
-def package_run(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str, Any]:
-    """Prune the trained run into the artifact directory, export ONNX, write the report.
-
-    Returns the compression summary stored on the job and the models row. ONNX export and
-    the latency report are extras: their failure is a warning event, not a failed job.
-    Pruning is not: its failure raises ``PruningError`` (code ``pruning_failed``) and the
-    run directory stays, so a retry skips training and only prunes again.
+    Every phase the pipeline reports becomes a job event. ONNX export and the latency
+    report are extras (a warning event when they fail); a pruning failure raises
+    ``PruningError`` (code ``pruning_failed``) and the run directory stays, so a retry
+    skips training and only prunes again.
     """
     from core.errors import PruningError
+    from core.package import PackageEvent, build_artifact
+
+    def record(event: PackageEvent) -> None:
+        cb.add_event(event.message, level=event.level, data=event.data)
+        if event.level != "error":
+            cb.beat()
 
     try:
-        from core.prune import prune_run
-
-        manifest = prune_run(run_dir, artifact_dir) or {}
-    except Exception as exc:
-        log.exception("pruning %s failed", run_dir)
-        cb.add_event(
-            "Pruning traceback",
-            level="error",
-            data={"traceback": traceback.format_exc()[-8000:]},
-        )
-        what = f"{type(exc).__name__}: {exc}"[:300]
+        result = build_artifact(run_dir, artifact_dir, on_event=record)
+    except PruningError as exc:
         raise PruningError(
-            f"pruning the trained model failed ({what}); training finished and its result "
-            "is kept, so retrying the job only prunes again"
+            f"{exc.message}; training finished and its result is kept, so retrying the job "
+            "only prunes again"
         ) from exc
-    cb.add_event("Pruned the gated model into a smaller dense model")
-    cb.beat()
-    formats = ["tar", "safetensors"]
-    try:
-        from core.onnx_export import export_artifact_onnx
-
-        export_artifact_onnx(artifact_dir)
-        formats.append("onnx")
-        cb.add_event("Exported the pruned model to ONNX")
-    except Exception as exc:  # optional extra
-        cb.add_event(f"ONNX export skipped: {type(exc).__name__}: {exc}"[:500], level="warning")
-    cb.beat()
-    report: dict[str, Any] = {}
-    try:
-        from core.artifacts import load_artifact
-        from core.report import compression_report
-
-        loaded = load_artifact(artifact_dir, load_tokenizer=False)
-        backends = ("torch", "onnxruntime") if "onnx" in formats else ("torch",)
-        report = compression_report(
-            loaded.model,
-            loaded.manifest,
-            artifact_dir,
-            shapes=_report_shapes(loaded.model),
-            backends=backends,
-        )
-        tmp = artifact_dir / "report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-        os.replace(tmp, artifact_dir / "report.json")
-        cb.add_event("Wrote the compression report (parameters, sizes, latency dense vs pruned)")
-    except Exception as exc:  # the model is usable without its latency report
-        log.exception("compression report failed")
-        cb.add_event(f"Compression report skipped: {type(exc).__name__}: {exc}"[:500], "warning")
-    compression = manifest.get("compression") if isinstance(manifest, dict) else None
-    summary: dict[str, Any] = {"pruned": True, "formats": formats}
-    for src in (compression or {}, report):
-        for key in (
-            "params_before",
-            "params_after",
-            "gated_params_before",
-            "gated_params_after",
-            "params_removed_fraction",
-            "gated_removed_fraction",
-            "flop_ideal_ratio",
-            "max_abs_diff_vs_gated",
-        ):
-            if key in src and key not in summary:
-                summary[key] = src[key]
-    latency = [r for r in report.get("latency", []) if isinstance(r, dict)]
-    if latency:
-        summary["latency"] = [
-            {k: r.get(k) for k in ("backend", "batch", "seq_len", "dense_ms", "pruned_ms", "ratio")}
-            for r in latency
-        ]
-    summary["artifact_bytes"] = _artifact_size(artifact_dir)
-    return summary
+    return {"pruned": True, "formats": ["tar", *result.formats], **result.summary()}
 
 
 def _free_memory() -> None:
@@ -320,7 +246,7 @@ def _run_claimed(
             f"sparsity {sparsity:.3f}"
         )
         artifact_rel = Path("artifacts") / job_id
-        summary = package_run(run_dir, settings.data_path / artifact_rel, cb)
+        summary = _package(run_dir, settings.data_path / artifact_rel, cb)
         summary.setdefault("measured_sparsity", sparsity)
         target = (job.hyperparameters or {}).get("target_sparsity")
         if target is None:

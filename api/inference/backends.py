@@ -13,15 +13,17 @@ Nothing here knows about HTTP or tenants; the engine maps errors raised here to 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from core.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +80,16 @@ def _sane_limit(value: Any) -> int | None:
     return value if 0 < value < 1_000_000 else None
 
 
-def _model_limit(model: Any, tokenizer: Any, manifest: dict | None = None) -> int:
+def _model_limit(model: Any, tokenizer: Any, model_config: dict | None = None) -> int:
+    """The smallest position limit the model config(s) and the tokenizer state."""
     candidates: list[int] = []
     config = getattr(model, "config", None)
-    for obj in (config, manifest or {}):
+    for obj in (config, model_config or {}):
         for name in ("max_position_embeddings", "max_seq_len", "max_sequence_length"):
             v = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
             lim = _sane_limit(v)  # int(v) when sane
             if lim:
                 candidates.append(lim)
-    arch = (manifest or {}).get("config") or (manifest or {}).get("architecture") or {}
-    if isinstance(arch, dict) and _sane_limit(arch.get("max_position_embeddings")):
-        candidates.append(int(arch["max_position_embeddings"]))
     tok_limit = _sane_limit(getattr(tokenizer, "model_max_length", None))
     if tok_limit:
         candidates.append(tok_limit)
@@ -340,23 +340,27 @@ class CausalLMBackend:
 # ---------------------------------------------------------------- loading
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
+def prefer_onnx(artifact_dir: Path, manifest: Manifest | None = None) -> bool:
+    """True when the artifact's manifest hashes model.onnx and report.json, and that
+    report measured ONNX Runtime faster.
 
-
-def prefer_onnx(artifact_dir: Path) -> bool:
-    """True when the artifact has model.onnx and its report measured ONNX Runtime faster.
-
-    Compares the PRUNED model's latency per backend at each shape the report measured
-    (e.g. 1x64 and 32x128) and picks ONNX only if it wins at the largest batch measured,
-    because the micro-batcher makes large batches the common case.
+    Only files the manifest vouches for are trusted (core.artifacts.read_report checks the
+    report's hash on the bytes it parses): an unlisted or altered report.json cannot
+    switch the backend. Compares the PRUNED model's latency per backend at each shape the
+    report measured (e.g. 1x64 and 32x128) and picks ONNX only if it wins at the largest
+    batch measured, because the micro-batcher makes large batches the common case.
     """
-    if not (artifact_dir / "model.onnx").is_file():
+    from core.artifacts import read_manifest, read_report
+    from core.errors import ArtifactError
+    from core.manifest import ONNX
+
+    try:
+        manifest = manifest if manifest is not None else read_manifest(artifact_dir)
+    except ArtifactError:
         return False
-    report = _read_json(artifact_dir / "report.json")
+    if ONNX not in manifest.files or not (artifact_dir / ONNX).is_file():
+        return False
+    report = read_report(artifact_dir, manifest) or {}
     rows = report.get("latency") or []
     by_shape: dict[tuple[int, int], dict[str, float]] = {}
     for row in rows:
@@ -372,13 +376,10 @@ def prefer_onnx(artifact_dir: Path) -> bool:
     return by_shape[biggest]["onnxruntime"] < by_shape[biggest]["torch"]
 
 
-def _id2label(manifest: dict[str, Any], model: Any) -> dict[int, str]:
-    raw = manifest.get("id2label")
-    if isinstance(raw, dict) and raw:
-        return {int(k): str(v) for k, v in raw.items()}
-    labels = manifest.get("labels") or manifest.get("label_names")
-    if isinstance(labels, list) and labels:
-        return {i: str(v) for i, v in enumerate(labels)}
+def _id2label(id2label: dict[str, str] | None, model: Any) -> dict[int, str]:
+    """The artifact's labels (manifest ``id2label``), else the model config's."""
+    if id2label:
+        return {int(k): str(v) for k, v in id2label.items()}
     cfg = getattr(model, "config", None)
     raw = getattr(cfg, "id2label", None) if cfg is not None else None
     if raw:
@@ -424,7 +425,7 @@ def load_dense(path: Path) -> ClassifierBackend | CausalLMBackend:
         return ClassifierBackend(
             model,
             tokenizer,
-            _id2label({}, model),
+            _id2label(None, model),
             _model_limit(model, tokenizer),
             regression=regression,
         )
@@ -442,13 +443,14 @@ class UnsupportedTaskError(ValueError):
 def load_artifact_backend(path: Path, classifier_backend: str = "auto") -> Any:
     """A FineGates artifact directory, loaded strictly by core.artifacts (hash-checked)."""
     from core.artifacts import load_artifact
+    from core.manifest import ONNX
 
     loaded = load_artifact(path)
-    model, tokenizer, manifest = loaded.model, loaded.tokenizer, dict(loaded.manifest)
+    model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
     if hasattr(model, "eval"):
         model.eval()
-    task = str(manifest.get("task", "")).lower()
-    limit = _model_limit(model, tokenizer, manifest)
+    task = (manifest.task or "").lower()
+    limit = _model_limit(model, tokenizer, manifest.model_config)
     if task in GENERATION_TASKS:
         if getattr(tokenizer, "pad_token_id", None) is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -456,13 +458,16 @@ def load_artifact_backend(path: Path, classifier_backend: str = "auto") -> Any:
         hf_style = "use_cache" in names and ("past_key_values" in names or "cache" in names)
         return CausalLMBackend(model, tokenizer, limit, hf_style=hf_style)
     if task in CLASSIFICATION_TASKS:
-        id2label = _id2label(manifest, model)
-        regression = task == "regression" or manifest.get("problem_type") == "regression"
+        id2label = _id2label(manifest.id2label, model)
+        regression = task == "regression" or manifest.problem_type == "regression"
+        onnx_path = path / ONNX
+        # model.onnx is used only when the manifest lists it: load_artifact checked its hash
+        has_onnx = ONNX in manifest.files and onnx_path.is_file()
         use_onnx = classifier_backend == "onnxruntime" or (
-            classifier_backend == "auto" and prefer_onnx(path)
+            classifier_backend == "auto" and prefer_onnx(path, manifest)
         )
-        if use_onnx and (path / "model.onnx").is_file():
-            session = _onnx_session(path / "model.onnx")
+        if use_onnx and has_onnx:
+            session = _onnx_session(onnx_path)
             backend = ClassifierBackend(
                 None,
                 tokenizer,
@@ -472,7 +477,7 @@ def load_artifact_backend(path: Path, classifier_backend: str = "auto") -> Any:
                 regression=regression,
                 onnx_session=session,
             )
-            backend._onnx_bytes = (path / "model.onnx").stat().st_size
+            backend._onnx_bytes = onnx_path.stat().st_size
             return backend
         return ClassifierBackend(model, tokenizer, id2label, limit, regression=regression)
     raise UnsupportedTaskError(f"artifact {path.name} has task {task!r}, which is not servable")

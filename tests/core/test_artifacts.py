@@ -1,4 +1,4 @@
-"""Artifact round trip, refusal of corrupted artifacts, the HF copy, and prune_run."""
+"""Artifact round trip, refusal of corrupted artifacts, the HF copy, and a pruned run."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from core.artifacts import load_artifact, register_files, save_artifact, sha256_file
+from core.artifacts import load_artifact, save_artifact, sha256_file
 from core.errors import ArtifactError
 from core.prune import max_abs_diff, prune_model
+from tests.support.artifacts import bert_run, reseal
 from tests.support.prune_fixtures import apply_pattern, close_rows, gate, reference_plan
 from tests.support.tiny_models import (
     BERT_LABELS,
@@ -67,7 +68,7 @@ def _rewrite_weights(out: Path, edit) -> None:
         sd = {k: f.get_tensor(k) for k in f.keys()}
     edit(sd)
     save_file(sd, str(out / "model.safetensors"))
-    register_files(out, ["model.safetensors"])  # an attacker who also fixes the hash
+    reseal(out)  # an attacker who also fixes the hash
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,7 @@ def test_corrupted_artifact_is_refused(tmp_path, corrupt, match):
         (out / "tokenizer.json").unlink()
     elif corrupt == "not_safetensors":
         w.write_bytes(b"\x80\x04garbage-that-is-not-safetensors")
-        register_files(out, ["model.safetensors"])
+        reseal(out)
     with pytest.raises(ArtifactError, match=match):
         load_artifact(out)
 
@@ -157,27 +158,12 @@ def test_hf_copy_loads_with_plain_from_pretrained_llama(tmp_path):
         torch.testing.assert_close(hf(input_ids=IDS).logits, pm(IDS), atol=1e-5, rtol=0)
 
 
-def test_prune_run_writes_artifact_from_gated_run(tmp_path):
-    from core.gates import gated_modules
-    from core.train import save_final
+def test_pruned_run_writes_artifact_from_gated_run(tmp_path):
+    from core.package import build_artifact
 
     model = apply_pattern(build_tiny_bert_cls(seed=0), "heads")
-    tok = build_bert_tokenizer(tmp_path / "tok")
-    info = {
-        "base_model": "tiny-bert",
-        "family": "bert",
-        "task": "classification",
-        "problem_type": "single_label_classification",
-        "labels": BERT_LABELS,
-        "gated_modules": list(gated_modules(model)),
-        "gate_config": {"seed": 0},
-        "head_modules": ["bert.pooler", "classifier"],
-        "metrics": {"accuracy": 0.5},
-    }
-    save_final(tmp_path / "run" / "final", model, tok, info)
-    from core.prune import prune_run
-
-    manifest = prune_run(tmp_path / "run", tmp_path / "art")
+    bert_run(tmp_path / "run", model, tmp_path / "tok")
+    manifest = build_artifact(tmp_path / "run", tmp_path / "art", onnx=False, report=False).manifest
     comp = manifest["compression"]
     assert comp["max_abs_diff_vs_gated"] < 1e-4
     assert comp["max_rel_diff_vs_gated"] == pytest.approx(
@@ -226,3 +212,44 @@ def test_save_artifact_replaces_a_folder_atomically(tmp_path, monkeypatch):
     assert not (out / "stale.bin").exists()
     torch.testing.assert_close(load_artifact(out).model(IDS), pm2(IDS), atol=0, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "tok", "tok2"]
+
+
+def test_a_manifest_from_the_previous_writer_still_loads(tmp_path):
+    """Before the typed schema, problem_type & co. were optional extras and report.json
+    sat unlisted beside the manifest; such an artifact still loads and reads the same."""
+    out, pm = _bert_artifact(tmp_path)
+    mpath = out / "manifest.json"
+    m = json.loads(mpath.read_text())
+    for key in ("problem_type", "measured_sparsity", "max_length", "source_run"):
+        del m[key]
+    m["synthetic_fraction"] = 0.5  # a free-form extra of the old writer
+    mpath.write_text(json.dumps(m))
+    (out / "report.json").write_text(json.dumps({"latency": []}))
+    la = load_artifact(out)
+    torch.testing.assert_close(la.model(IDS), pm(IDS), atol=0, rtol=0)
+    assert la.manifest.problem_type is None and la.manifest["synthetic_fraction"] == 0.5
+    assert la.manifest.labels() == list(BERT_LABELS)
+    assert "report.json" not in la.manifest.files
+    again = type(la.manifest).from_dict(la.manifest.to_dict())
+    assert again == la.manifest and dict(again)["synthetic_fraction"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("task", 3, "manifest field 'task' must be a string or null, got int"),
+        ("id2label", {"0": 1}, "id2label must map class indices to label strings"),
+        ("id2label", {"first": "a"}, "id2label must map class indices"),
+        ("files", {"model.safetensors": {"sha256": 1}}, r"files\['model.safetensors'\]"),
+        ("max_length", "128", "'max_length' must be an integer or null, got str"),
+        ("format_version", [1], "unknown format_version \\[1\\]"),
+    ],
+)
+def test_manifest_fields_of_the_wrong_type_are_refused(tmp_path, key, value, match):
+    out, _ = _bert_artifact(tmp_path)
+    mpath = out / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m[key] = value
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=match):
+        load_artifact(out)

@@ -254,12 +254,10 @@ def test_focused_push_reaches_only_each_vectors_lowest_gates(tiny_bert_cls):
 def test_train_builds_the_objective_from_the_job_hyperparameters():
     """sparsity_focus and the "auto" ramp reach the objective the training loop uses."""
     from core.config import Hyperparameters
-    from core.train import _make_objective
+    from core.train_setup import make_objective
 
-    on = _make_objective(Hyperparameters().resolve(1000, "classification"), 200)
-    off = _make_objective(
-        Hyperparameters(sparsity_focus=False).resolve(1000, "classification"), 200
-    )
-    paper = _make_objective(Hyperparameters(objective="paper").resolve(1000, "classification"), 200)
+    on = make_objective(Hyperparameters().resolve(1000, "classification"), 200)
+    off = make_objective(Hyperparameters(sparsity_focus=False).resolve(1000, "classification"), 200)
+    paper = make_objective(Hyperparameters(objective="paper").resolve(1000, "classification"), 200)
     assert on.focus is True and off.focus is False
     assert on.target_warmup_steps == 60 and paper.target_warmup_steps == 0

@@ -1,4 +1,4 @@
-"""ONNX export parity (1e-4) with dynamic batch/sequence axes, and the artifact hook."""
+"""ONNX export parity (1e-4) with dynamic batch/sequence axes, and adding it to an artifact."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from core.artifacts import load_artifact, save_artifact
-from core.onnx_export import OnnxRunner, export_artifact_onnx, export_onnx
+from core.onnx_export import OnnxRunner, export_onnx
+from core.package import rebuild_artifact
 from core.prune import prune_model
 from tests.support.prune_fixtures import apply_pattern, reference_plan
 from tests.support.tiny_models import build_bert_tokenizer, build_tiny_bert_cls, build_tiny_llama
@@ -48,7 +49,7 @@ def test_onnx_parity_dynamic_shapes(tmp_path, family):
 def test_export_artifact_adds_hashed_onnx(tmp_path):
     pm = _pruned("bert")
     save_artifact(pm, build_bert_tokenizer(tmp_path / "tok"), tmp_path / "a", task="classification")
-    export_artifact_onnx(tmp_path / "a")
+    rebuild_artifact(tmp_path / "a", onnx=True)
     la = load_artifact(tmp_path / "a")  # hash list now includes model.onnx, still verifies
     assert "model.onnx" in la.manifest["files"]
     ids = torch.randint(3, 100, (3, 9))

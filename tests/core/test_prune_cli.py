@@ -8,7 +8,7 @@ import pytest
 
 from core.cli import main
 from core.gates import gated_modules
-from core.train import save_final
+from core.rundir import RunDir
 from tests.support.prune_fixtures import apply_pattern
 from tests.support.tiny_models import build_llama_tokenizer, build_tiny_llama
 
@@ -24,7 +24,7 @@ def llama_run(tmp_path):
         "gate_config": {"seed": 0},
         "head_modules": [],
     }
-    save_final(tmp_path / "run" / "final", model, build_llama_tokenizer(), info)
+    RunDir(tmp_path / "run").write_final(model, build_llama_tokenizer(), info)
     return tmp_path / "run"
 
 

@@ -110,21 +110,23 @@ def test_pruned_decoder_generates_like_its_own_generate(served, artifacts):
     assert "".join(c.choices[0].text for c in streamed) == res.choices[0].text
 
 
+ONNX_FASTER = [
+    {"backend": "torch", "batch": 32, "seq_len": 128, "dense_ms": 9, "pruned_ms": 6.0},
+    {"backend": "onnxruntime", "batch": 32, "seq_len": 128, "dense_ms": 8, "pruned_ms": 4.0},
+]
+
+
 def test_onnx_backend_chosen_from_report_and_matches_torch(artifacts, tmp_path):
-    import json
     import shutil
 
     from api.inference.backends import ModelSpec, load_backend
-    from core import onnx_export
+    from core.package import rebuild_artifact
+    from tests.support.artifacts import write_report
 
     art = tmp_path / "cls"
     shutil.copytree(artifacts[0], art)
-    onnx_export.export_artifact_onnx(art)
-    rows = [
-        {"backend": "torch", "batch": 32, "seq_len": 128, "dense_ms": 9, "pruned_ms": 6.0},
-        {"backend": "onnxruntime", "batch": 32, "seq_len": 128, "dense_ms": 8, "pruned_ms": 4.0},
-    ]
-    (art / "report.json").write_text(json.dumps({"latency": rows}))
+    rebuild_artifact(art, onnx=True)
+    write_report(art, ONNX_FASTER)
     spec = ModelSpec("m", art, "artifact")
     ort_backend = load_backend(spec)
     torch_backend = load_backend(spec, classifier_backend="torch")
@@ -134,3 +136,36 @@ def test_onnx_backend_chosen_from_report_and_matches_torch(artifacts, tmp_path):
         assert a["label"] == b["label"]
         for k in a["scores"]:
             assert a["scores"][k] == pytest.approx(b["scores"][k], abs=1e-4)
+
+
+def test_report_the_manifest_does_not_vouch_for_is_not_trusted(artifacts, tmp_path):
+    """The backend comes only from a report.json the manifest hashes: an unlisted one is
+    ignored, and a listed one that was altered gets the whole artifact refused."""
+    import json
+    import shutil
+
+    from api.inference.backends import ModelSpec, load_backend, prefer_onnx
+    from core.errors import ArtifactError
+    from core.package import rebuild_artifact
+    from tests.support.artifacts import write_report
+
+    art = tmp_path / "cls"
+    shutil.copytree(artifacts[0], art)
+    rebuild_artifact(art, onnx=True)
+    spec = ModelSpec("m", art, "artifact")
+
+    write_report(art, ONNX_FASTER, hashed=False)  # dropped in beside the manifest
+    assert "report.json" not in json.loads((art / "manifest.json").read_text())["files"]
+    assert prefer_onnx(art) is False
+    assert load_backend(spec).backend == "torch"
+
+    write_report(art, ONNX_FASTER)  # now listed: trusted
+    assert prefer_onnx(art) is True and load_backend(spec).backend == "onnxruntime"
+
+    slower = [dict(r, pruned_ms=1.0) if r["backend"] == "torch" else r for r in ONNX_FASTER]
+    (art / "report.json").write_text(json.dumps({"latency": slower}))  # hash now stale
+    assert prefer_onnx(art) is False
+    with pytest.raises(
+        ArtifactError, match=r"report\.json: (size .* manifest says|sha256 mismatch)"
+    ):
+        load_backend(spec)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -263,8 +262,11 @@ def test_dense_classifier_backend_padding_does_not_change_scores(tiny_bert_dir):
 
 
 def test_prefer_onnx_reads_the_compression_report(tmp_path):
-    assert prefer_onnx(tmp_path) is False  # no model.onnx
-    (tmp_path / "model.onnx").write_bytes(b"x")
+    from tests.support.artifacts import fake_artifact_dir, write_report
+
+    assert prefer_onnx(tmp_path) is False  # no manifest, no model.onnx
+    assert prefer_onnx(fake_artifact_dir(tmp_path / "plain", with_onnx=False)) is False
+    fake_artifact_dir(tmp_path)
     rows = [
         {
             "backend": "torch",
@@ -299,10 +301,10 @@ def test_prefer_onnx_reads_the_compression_report(tmp_path):
             "ratio": 0.5,
         },
     ]
-    (tmp_path / "report.json").write_text(json.dumps({"latency": rows}))
+    write_report(tmp_path, rows)
     assert prefer_onnx(tmp_path) is True  # wins at the largest batch
     rows[3]["pruned_ms"] = 7.0
-    (tmp_path / "report.json").write_text(json.dumps({"latency": rows}))
+    write_report(tmp_path, rows)
     assert prefer_onnx(tmp_path) is False
 
 

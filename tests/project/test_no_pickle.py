@@ -93,7 +93,7 @@ def _check_safetensors(path: Path) -> None:
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_artifact_holds_no_pickle(tmp_path, family):
     from core.artifacts import save_artifact
-    from core.onnx_export import export_artifact_onnx
+    from core.package import rebuild_artifact
     from core.prune import prune_model
     from tests.support.prune_fixtures import apply_pattern, reference_plan
     from tests.support.tiny_models import (
@@ -108,7 +108,7 @@ def test_artifact_holds_no_pickle(tmp_path, family):
     pm, plan = prune_model(model, reference_plan(model))
     tok = build_bert_tokenizer(tmp_path / "t") if family == "bert" else build_llama_tokenizer()
     save_artifact(pm, tok, tmp_path / "a", plan=plan, task="x")
-    export_artifact_onnx(tmp_path / "a")
+    rebuild_artifact(tmp_path / "a", onnx=True)
     files = [p for p in (tmp_path / "a").rglob("*") if p.is_file()]
     assert files
     for p in files:

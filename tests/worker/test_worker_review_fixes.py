@@ -128,14 +128,14 @@ def test_pruning_failure_has_its_own_code_and_keeps_the_run(
     tiny_bert_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import core.prune
+    import core.package
     from core.catalog import register_model
     from worker.tasks import execute_job
 
     def broken(*a: Any, **k: Any) -> None:
         raise RuntimeError("plan does not fit")
 
-    monkeypatch.setattr(core.prune, "prune_run", broken)
+    monkeypatch.setattr(core.package, "prune_run", broken)
     register_model(TINY, tiny_bert_dir, settings.data_path)
     job_id = make_job(sessions, settings, model=TINY, hp={"max_steps": 4, "batch_size": 4})
     out = execute_job(job_id, settings=settings, session_factory=sessions, worker_id="w")
@@ -144,6 +144,70 @@ def test_pruning_failure_has_its_own_code_and_keeps_the_run(
     assert row.error_code == "pruning_failed" and "plan does not fit" in row.error_message
     assert (Path(row.run_dir) / "final" / "gated_model.json").is_file()  # kept for a retry
     assert not (settings.data_path / "artifacts" / job_id).exists()  # no fake artifact
+
+
+def _events(sessions: Any, job_id: str) -> list[tuple[str, str]]:
+    with session_scope(sessions) as s:
+        rows = s.execute(
+            select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.pk)
+        ).scalars()
+        return [(e.level, e.message) for e in rows]
+
+
+def test_packaging_records_one_event_per_phase_and_publishes_a_fully_hashed_artifact(
+    sessions, settings, tiny_bert_dir: Path
+) -> None:
+    from core.artifacts import load_artifact, sha256_file
+    from core.catalog import register_model
+    from worker.tasks import execute_job
+
+    register_model(TINY, tiny_bert_dir, settings.data_path)
+    job_id = make_job(sessions, settings, model=TINY, hp={"max_steps": 4, "batch_size": 4})
+    out = execute_job(job_id, settings=settings, session_factory=sessions, worker_id="w")
+    assert out.status == "succeeded", out
+    msgs = [m for _, m in _events(sessions, job_id)]
+    phases = [
+        "Pruned the gated model into a smaller dense model",
+        "Exported the pruned model to ONNX",
+        "Wrote the compression report (parameters, sizes, latency dense vs pruned)",
+    ]
+    assert [m for m in msgs if m in phases] == phases
+    art = settings.data_path / "artifacts" / job_id
+    on_disk = {p.relative_to(art).as_posix() for p in art.rglob("*") if p.is_file()}
+    manifest = load_artifact(art).manifest
+    assert on_disk - set(manifest.files) == {"manifest.json"}
+    assert {"model.onnx", "report.json"} <= set(manifest.files)
+    assert all(sha256_file(art / n) == e["sha256"] for n, e in manifest.files.items())
+    summary = out.data["summary"]
+    assert summary["formats"] == ["tar", "safetensors", "onnx"] and summary["pruned"] is True
+    assert summary["artifact_bytes"] == sum((art / n).stat().st_size for n in on_disk)
+    assert [p.name for p in art.parent.iterdir()] == [job_id]  # no staging folder left
+
+
+def test_a_failed_optional_phase_is_a_warning_and_the_job_succeeds(
+    sessions, settings, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.package
+    from core.artifacts import read_manifest
+    from core.catalog import register_model
+    from worker.tasks import execute_job
+
+    def no_onnx(*a: Any, **k: Any) -> None:
+        raise RuntimeError("exporter unavailable")
+
+    monkeypatch.setattr(core.package, "export_onnx", no_onnx)
+    register_model(TINY, tiny_bert_dir, settings.data_path)
+    job_id = make_job(sessions, settings, model=TINY, hp={"max_steps": 4, "batch_size": 4})
+    out = execute_job(job_id, settings=settings, session_factory=sessions, worker_id="w")
+    assert out.status == "succeeded", out
+    assert ("warning", "ONNX export skipped: RuntimeError: exporter unavailable") in _events(
+        sessions, job_id
+    )
+    assert out.data["summary"]["formats"] == ["tar", "safetensors"]
+    art = settings.data_path / "artifacts" / job_id
+    files = read_manifest(art).files
+    assert "model.onnx" not in files and not (art / "model.onnx").exists()
+    assert "report.json" in files  # measured on torch alone
 
 
 def test_a_tenant_model_id_is_never_a_server_path(sessions, settings, tiny_bert_dir) -> None:
