@@ -55,8 +55,8 @@ from core.manifest import (
     FileEntry,
     Manifest,
 )
-from core.structure import plan_to_dict
 from core.pruned import PrunedBertModel, PrunedLlamaModel, build_pruned
+from core.structure import plan_to_dict
 
 log = logging.getLogger(__name__)
 

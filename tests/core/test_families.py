@@ -16,7 +16,8 @@ from core.errors import UnsupportedModelError
 from core.families import ENCODER, MODEL_TYPES, SUPPORTED_TYPES, check_config, require
 from core.gates import gated_modules, inject_gates, resolve_targets
 from core.modeling import load_base
-from core.prune import prune_model, prune_run
+from core.package import build_artifact
+from core.prune import prune_model
 from core.structure import build_plan, describe
 from core.train import load_gated_run, train
 from tests.support.prune_fixtures import apply_pattern, close_rows, gate
@@ -112,7 +113,7 @@ def test_train_prune_artifact_serve(model_type, tmp_path):
     res = train(JobConfig(model=str(folder), training_file=str(_data(tmp_path, model_type)),
                           hyperparameters=hp), tmp_path / "run")  # fmt: skip
     assert res.status == "completed" and res.steps == 2
-    manifest = prune_run(tmp_path / "run", tmp_path / "art")
+    manifest = build_artifact(tmp_path / "run", tmp_path / "art", onnx=False, report=False).manifest
     assert manifest["model_type"] == model_type
     assert manifest["compression"]["max_abs_diff_vs_gated"] < 1e-4
     served = load_artifact(tmp_path / "art")
