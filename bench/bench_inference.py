@@ -108,8 +108,7 @@ def build_synthetic(out: Path, tiny: bool, fraction_cls: float, fraction_lm: flo
 
     paths: dict[str, Any] = {}
     if tiny:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny_models import save_tiny_bert, save_tiny_llama
+        from tests.support.tiny_models import save_tiny_bert, save_tiny_llama
 
         cls_src = save_tiny_bert(out / "cls-dense")
         lm_src = save_tiny_llama(out / "lm-dense")

@@ -25,17 +25,11 @@ from core.catalog import resolve_model
 from core.config import Hyperparameters, JobConfig
 from core.data import LoadedData, load_records, split_validation
 from core.errors import ConfigError, DataError
-from core.gates import (
-    GateConfig,
-    configure_trainable,
-    default_head_modules,
-    inject_gates,
-    param_groups,
-    set_input_recording,
-)
+from core.gates import GateConfig, inject_gates, set_input_recording
 from core.metrics import primary_metric
 from core.modeling import LoadedBase, load_base
 from core.tokenize import Collator, Encoded, encode_classification, encode_lm
+from core.trainable import configure_trainable, default_head_modules, param_groups
 
 
 def default_data_dir() -> Path:

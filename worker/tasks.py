@@ -237,7 +237,7 @@ def _run_claimed(
         result = train(config, run_dir, cb, resume=True)
         cb.flush()
         if cb.stop_reason is not None:
-            return _stopped(job_id, cb, factory, me, enqueue)
+            return _stopped(job_id, cb, factory, me, enqueue, settings)
 
         # train() leaves measured_sparsity None only when stopped before any evaluation
         sparsity = float(cast(float, result.measured_sparsity))
@@ -254,7 +254,7 @@ def _run_claimed(
         summary["target_sparsity"] = target
         cb.flush()
         if cb.stop_reason is not None:  # cancelled or reaped while pruning
-            return _stopped(job_id, cb, factory, me, enqueue)
+            return _stopped(job_id, cb, factory, me, enqueue, settings)
 
         ft_id = fine_tuned_model_id(job.model, job.suffix, job_id)
         last = cb.last_step
@@ -299,7 +299,12 @@ def _run_claimed(
 
 
 def _stopped(
-    job_id: str, cb: JobCallback, factory: sessionmaker[Session], me: str, enqueue: Publish | None
+    job_id: str,
+    cb: JobCallback,
+    factory: sessionmaker[Session],
+    me: str,
+    enqueue: Publish | None,
+    settings: Settings,
 ) -> JobOutcome:
     reason = cb.stop_reason
     with session_scope(factory) as s:
@@ -326,7 +331,10 @@ def _stopped(
         )
         row = s.execute(select(Job.queue, Job.status).where(Job.id == job_id)).one_or_none()
     if released and row is not None:
-        (enqueue or publish)(job_id, row[0])
+        if enqueue is not None:
+            enqueue(job_id, row[0])
+        else:
+            publish(job_id, row[0], settings=settings)
         return JobOutcome("requeued")
     if row is not None and row[1] == jobstate.CANCELLED:
         return JobOutcome("cancelled")  # cancel requested before the shutdown: not requeued

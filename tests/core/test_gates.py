@@ -11,14 +11,16 @@ from core.gates import (
     DEFAULT_TARGETS,
     GateConfig,
     GatedLinear,
-    configure_trainable,
-    gate_state_dict,
     gated_modules,
     inject_gates,
-    load_trainable_state_dict,
-    param_groups,
     remove_gates,
     resolve_targets,
+)
+from core.trainable import (
+    configure_trainable,
+    gate_state_dict,
+    load_trainable_state_dict,
+    param_groups,
     trainable_state_dict,
 )
 

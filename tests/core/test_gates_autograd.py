@@ -15,7 +15,8 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import core.gates as G
-from core.gates import GateConfig, GatedLinear, configure_trainable, inject_gates
+from core.gates import GateConfig, GatedLinear, inject_gates
+from core.trainable import configure_trainable
 from tests.support.tiny_models import build_tiny_bert_cls, build_tiny_llama
 
 

@@ -15,9 +15,10 @@ from transformers import PreTrainedModel
 
 from core.artifacts import load_artifact, save_artifact
 from core.families import ENCODER, MODEL_TYPES
-from core.gates import GateConfig, configure_trainable, gated_modules, inject_gates, param_groups
+from core.gates import GateConfig, gated_modules, inject_gates
 from core.prune import max_abs_diff, prune_model
 from core.structure import build_plan
+from core.trainable import configure_trainable, param_groups
 from tests.support.prune_fixtures import apply_pattern, reference_plan
 from tests.support.tiny_models import VOCAB_SIZE, build_tiny
 

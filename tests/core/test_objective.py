@@ -10,14 +10,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
-from core.gates import (
-    GateConfig,
-    GatedLinear,
-    configure_trainable,
-    gated_modules,
-    inject_gates,
-    param_groups,
-)
+from core.gates import GateConfig, GatedLinear, gated_modules, inject_gates
 from core.objective import (
     SparsityObjective,
     keep_prob,
@@ -26,6 +19,7 @@ from core.objective import (
     paper_objective,
 )
 from core.structure import describe, measured_sparsity
+from core.trainable import configure_trainable, param_groups
 from tests.support.tiny_models import build_tiny_bert_cls, build_tiny_llama
 
 

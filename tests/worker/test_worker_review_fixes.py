@@ -234,6 +234,6 @@ def test_shutdown_of_a_cancel_requested_job_cancels_instead_of_requeueing(
     cb = JobCallback(sessions, job_id, "w")
     cb.stop_reason = "shutdown"  # the shutdown won the race against the cancel flag
     calls: list[str] = []
-    out = _stopped(job_id, cb, sessions, "w", lambda j, queue=None: calls.append(j))
+    out = _stopped(job_id, cb, sessions, "w", lambda j, queue=None: calls.append(j), settings)
     assert out.status == "cancelled" and calls == []
     assert job_row(sessions, job_id).status == "cancelled"
