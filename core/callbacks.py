@@ -18,7 +18,7 @@ class StepRecord:
     step: int  # optimizer steps completed (1-based after the first step)
     total_steps: int
     epoch: float
-    loss: float  # total loss = task_loss + sparsity_weight * sparsity_loss
+    loss: float  # total = task_loss + sparsity_weight * sparsity_loss + distill_loss
     task_loss: float
     sparsity_loss: float
     lr: float  # gate learning rate (first param group)
@@ -26,6 +26,7 @@ class StepRecord:
     eta_seconds: float | None
     measured_sparsity: float | None = None  # filled on steps where it was computed
     tokens: int = 0  # tokens processed so far (trained_tokens)
+    distill_loss: float = 0.0  # weighted KL to the dense teacher (0 when off)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -39,6 +39,13 @@ DEFAULT_LORA_LR = 2e-3
 # a few at a time while the task can still push back (bench: MiniLM, docs/benchmarks.md).
 DEFAULT_CALIBRATED_RAMP = 0.3
 DEFAULT_WEIGHT_LR = 2e-5
+# Measured defaults (docs/benchmarks.md, issue 10): LoRA inside the gates wins on the task
+# tasks at equal steps; "sparsify" keeps the model's own weights (gates only).
+DEFAULT_TRAINABLE = {"classification": "gates+lora", "causal_lm": "gates+lora", "sparsify": "gates"}
+# Weight of the KL to the dense teacher (method.md §2.7): language-model tasks distil from
+# the model with its gates open; classification has no teacher that knows the task.
+DEFAULT_DISTILLATION = {"classification": 0.0, "causal_lm": 0.5, "sparsify": 0.5}
+IMPORTANCE_METHODS = ("flap", "wanda", "none")
 
 
 def _is_auto(v: Any) -> bool:
@@ -113,7 +120,7 @@ class Hyperparameters:
     target_sparsity: float = 0.4  # fraction of gated weight params physically removed
     sparsity_weight: float = 50.0  # lambda
     sparsity_start_step: int = 0
-    trainable: str = "gates"
+    trainable: str = AUTO  # "auto": DEFAULT_TRAINABLE[task]
     lora_rank: int = 8
     max_length: int | str = AUTO
     eval_interval: int | str = AUTO  # optimizer steps between evaluations
@@ -143,6 +150,15 @@ class Hyperparameters:
     sparsity_focus: bool = True
     sparsity_tolerance: float = 0.03  # a checkpoint may be "best" only within this of target
     max_grad_norm: float | None = 1.0
+    # --- compression levers (method.md §1.5, §2.6-§2.9) ---
+    head_gates: bool = True  # one gate per attention head on o_proj's columns
+    importance_init: str = "flap"  # calibration scores that rank and start the gates
+    importance_scale: float = 0.5  # how far below the open edge the weakest candidate starts
+    calibration_batches: int = 8  # batches of the job's data in the calibration pass
+    compensation: bool = False  # fold the mean of closed o/down inputs into the bias
+    distillation: float | str = AUTO  # KL-to-dense-teacher weight; "auto": by task
+    distill_temperature: float = 2.0
+    recovery: bool = False  # once on target, freeze the gates; train the rest on
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -163,7 +179,8 @@ class Hyperparameters:
         s.sparsity_start_step = _num(
             "sparsity_start_step", s.sparsity_start_step, int, 0, 10_000_000
         )
-        s.trainable = _choice("trainable", s.trainable, TRAINABLE_MODES)
+        if not _is_auto(s.trainable):
+            s.trainable = _choice("trainable", s.trainable, (*TRAINABLE_MODES, AUTO))
         s.lora_rank = _num("lora_rank", s.lora_rank, int, 1, 1024)
         s.max_length = _num("max_length", s.max_length, int, 8, 131_072, auto=True)
         s.eval_interval = _num("eval_interval", s.eval_interval, int, 1, 10_000_000, auto=True)
@@ -204,6 +221,21 @@ class Hyperparameters:
         s.sparsity_focus = _bool("sparsity_focus", s.sparsity_focus)
         s.sparsity_tolerance = _num("sparsity_tolerance", s.sparsity_tolerance, float, 0.0, 1.0)
         s.max_grad_norm = _num("max_grad_norm", s.max_grad_norm, float, 0.0, 1e6, none=True)
+        s.head_gates = _bool("head_gates", s.head_gates)
+        s.importance_init = _choice("importance_init", s.importance_init, IMPORTANCE_METHODS)
+        s.importance_scale = _num("importance_scale", s.importance_scale, float, 0.0, 1.5)
+        s.calibration_batches = _num("calibration_batches", s.calibration_batches, int, 0, 1000)
+        s.compensation = _bool("compensation", s.compensation)
+        s.distillation = _num("distillation", s.distillation, float, 0.0, 100.0, auto=True)
+        s.distill_temperature = _num(
+            "distill_temperature", s.distill_temperature, float, 0.1, 100.0
+        )
+        s.recovery = _bool("recovery", s.recovery)
+        if (s.importance_init != "none" or s.compensation) and s.calibration_batches == 0:
+            raise ConfigError(
+                "calibration_batches",
+                "must be >= 1 when importance_init is not 'none' or compensation is on",
+            )
         return s
 
     # ------------------------------------------------------------------ (de)serialise
@@ -243,6 +275,10 @@ class Hyperparameters:
         """
         h = replace(self)
         lm = task in ("causal_lm", "sparsify")
+        if _is_auto(h.trainable):
+            h.trainable = DEFAULT_TRAINABLE.get(task, "gates")
+        if h.distillation == AUTO:
+            h.distillation = DEFAULT_DISTILLATION.get(task, 0.0)
         if h.batch_size == AUTO:
             h.batch_size = 8 if lm else 32
         if h.max_length == AUTO:

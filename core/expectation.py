@@ -64,7 +64,7 @@ def _probs(
     if probs == "soft":  # keep probability; optional per-line gradient weights (kurtosis)
         sp = 0.5 if sigma is None else sigma
         mu_r = torch.tanh(_BandGrad.apply(m.row_logits, -_BAND, _BAND))
-        mu_c = torch.tanh(_BandGrad.apply(m.col_logits, -_BAND, _BAND))
+        mu_c = torch.tanh(_BandGrad.apply(m.col_theta(), -_BAND, _BAND))
         p_r = 0.5 * (1 + torch.erf((mu_r + 0.5) / (sp * math.sqrt(2.0))))
         p_c = 0.5 * (1 + torch.erf((mu_c + 0.5) / (sp * math.sqrt(2.0))))
         if grad_scale and name in grad_scale:
@@ -143,7 +143,17 @@ def expected_kept_params(
         k = rows(ls.k, G * d).view(G, d)
         v = rows(ls.v, G * d).view(G, d)
         o = cols(ls.o, H * d).view(G, gs, d)
-        vo = v * (1 - torch.prod(1 - o, dim=1))  # (G, d)
+        o_gm = gated.get(ls.o)
+        if o_gm is not None and o_gm.col_group == d:
+            # head gates: one variable per query head, so "the group's output is dead" is
+            # P(all its heads closed) + P(some open) * P(all its v rows closed), not a
+            # product over d tied copies (whose gradient vanishes as (1 - o)^d).
+            alive = 1 - torch.prod(1 - o[..., 0], dim=1)  # (G,) any head of the group open
+            vo = v * alive[:, None]
+            group = alive * (1 - torch.prod(1 - v, dim=1))
+        else:
+            vo = v * (1 - torch.prod(1 - o, dim=1))  # (G, d)
+            group = 1 - torch.prod(1 - vo, dim=1)  # (G,) P(group kept)
         if S.rope:
             half = d // 2
             qp = 1 - (1 - q[..., :half]) * (1 - q[..., half:])  # (G, gs, half)
@@ -152,7 +162,6 @@ def expected_kept_params(
             qk_count = 2 * pair.sum(-1)  # (G,)
         else:
             qk_count = _both(k, 1 - torch.prod(1 - q, dim=1), S.qk_norm).sum(-1)
-        group = 1 - torch.prod(1 - vo, dim=1)  # (G,) P(group kept)
         n_kv = group.sum()
         n_vo = _st_max(group * vo.sum(-1))
         n_qk = _st_max(group * qk_count)

@@ -22,8 +22,10 @@ Like PEFT layers, GatedLinear declares the names of the state it owns
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import cast
 
@@ -193,6 +195,8 @@ class GatedLinear(nn.Module):
     lora_A: nn.Parameter | None
     lora_B: nn.Parameter | None
     input_mean: Tensor | None  # registered buffer, filled while record_input_mean is on
+    comp_mean: Tensor | None  # registered buffer, set by core.importance.set_compensation
+    gates_last: tuple[Tensor, Tensor]  # (z_r, z_c) of the last gated forward
 
     def __init__(
         self,
@@ -230,6 +234,16 @@ class GatedLinear(nn.Module):
         # Kurtosis objective support: mean input of the last training forward (no grad).
         self.record_input_mean = False
         self.register_buffer("input_mean", None, persistent=False)
+        # Head gates (method.md §1.5): col_group > 1 ties each run of col_group columns to
+        # one gate (the mean of their logits; the entries stay equal because they start
+        # equal and always receive equal gradients). Set by core.train_setup.
+        self.col_group = 1
+        # Teacher forward (method.md §2.7): every gate reads 1 and nothing is compensated.
+        self.force_open = False
+        # Compensation (method.md §2.8): the calibration mean of each input column; a
+        # closed (or partly closed) column contributes W[:, j] * (1 - z_c[j]) * mean[j]
+        # through the bias instead of vanishing. None: no compensation.
+        self.register_buffer("comp_mean", None, persistent=False)
 
     @property
     def in_features(self) -> int:
@@ -248,14 +262,24 @@ class GatedLinear(nn.Module):
         return self.base.bias
 
     # -- gates -------------------------------------------------------------------------
+    def col_theta(self) -> Tensor:
+        """The column logits as the gates see them: tied per group when col_group > 1."""
+        g = self.col_group
+        if g <= 1:
+            return self.col_logits
+        return self.col_logits.view(-1, g).mean(1).repeat_interleave(g)
+
     def _gate_preacts(self, training: bool | None = None) -> tuple[Tensor, Tensor]:
         """Unclamped u = tanh(theta) (+ eps) + 0.5; the gates are clamp(u, 0, 1)."""
         training = self.training if training is None else training
         mu_r = torch.tanh(self.row_logits)
-        mu_c = torch.tanh(self.col_logits)
+        mu_c = torch.tanh(self.col_theta())
         if training and self.noise_std > 0:
             mu_r = mu_r + torch.randn_like(mu_r) * self.noise_std
-            mu_c = mu_c + torch.randn_like(mu_c) * self.noise_std
+            g = self.col_group
+            n_c = mu_c.numel() // g
+            eps_c = torch.randn(n_c, device=mu_c.device, dtype=mu_c.dtype) * self.noise_std
+            mu_c = mu_c + (eps_c if g <= 1 else eps_c.repeat_interleave(g))
         return mu_r + 0.5, mu_c + 0.5
 
     def gates(self, training: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -270,7 +294,7 @@ class GatedLinear(nn.Module):
     def keep_probs(self, sigma_p: float = 0.5) -> tuple[Tensor, Tensor]:
         """Phi((mu + 0.5) / sigma_p): the Gaussian L0 relaxation, in (0.159, 0.9987)."""
         mu_r = torch.tanh(self.row_logits)
-        mu_c = torch.tanh(self.col_logits)
+        mu_c = torch.tanh(self.col_theta())
         return _phi((mu_r + 0.5) / sigma_p), _phi((mu_c + 0.5) / sigma_p)
 
     def open_probs(self, min_sigma: float = 1e-3) -> tuple[Tensor, Tensor]:
@@ -281,7 +305,7 @@ class GatedLinear(nn.Module):
         """
         s = max(self.noise_std, min_sigma)
         mu_r = torch.tanh(self.row_logits)
-        mu_c = torch.tanh(self.col_logits)
+        mu_c = torch.tanh(self.col_theta())
         return _phi((mu_r + 0.5) / s), _phi((mu_c + 0.5) / s)
 
     # -- forward -------------------------------------------------------------------------
@@ -291,13 +315,33 @@ class GatedLinear(nn.Module):
             w = w + self.lora_scale * (cast(Tensor, self.lora_B) @ self.lora_A).to(w.dtype)
         return w
 
+    def _compensation(self, z_r: Tensor, z_c: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """z_r * (W @ ((1 - z_c) * mean)): what the closed part of each column contributed."""
+        if self.comp_mean is None:
+            return None
+        w = self._weight()
+        missing = ((1.0 - z_c) * self.comp_mean.to(z_c.dtype)).to(w.dtype)
+        return (z_r * F.linear(missing, w).to(z_r.dtype)).to(dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.record_input_mean and self.training:
             with torch.no_grad():
                 self.input_mean = x.detach().float().reshape(-1, x.shape[-1]).mean(0)
+        if self.force_open:
+            return F.linear(x, self._weight().to(x.dtype), self.base.bias)
+        y = self._gated_forward(x)
+        if self.comp_mean is not None:
+            z_r, z_c = self.gates_last
+            comp = self._compensation(z_r, z_c, y.dtype)
+            assert comp is not None
+            y = y + comp
+        return y
+
+    def _gated_forward(self, x: Tensor) -> Tensor:
         if FUSED_AUTOGRAD and _compute_dtype(x) != torch.float16:
             u_r, u_c = self._gate_preacts()
             z_r, z_c = u_r.clamp(0.0, 1.0), u_c.clamp(0.0, 1.0)
+            self.gates_last = (z_r, z_c)
             # Rows with u_r < 0 strictly get zero gradient from the clamp, so the fused
             # backward may skip recovering their pre-gate output (see _GatedLinearFn).
             row_dead = (u_r < 0).detach()
@@ -314,6 +358,7 @@ class GatedLinear(nn.Module):
                 y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)).to(y.dtype)
             return y
         z_r, z_c = self.gates()
+        self.gates_last = (z_r, z_c)
         xc = x * z_c.to(x.dtype)  # (..., in)
         y = F.linear(xc, self.base.weight, self.base.bias)  # (..., out)
         if self.lora_A is not None:  # lora_B is set exactly when lora_A is
@@ -330,6 +375,9 @@ class GatedLinear(nn.Module):
         wf = (z_r[:, None] * w.float() * z_c[None, :]).to(w.dtype)
         b = self.base.bias
         bf = None if b is None else (z_r * b.float()).to(b.dtype)
+        comp = self._compensation(z_r, z_c, torch.float32)
+        if comp is not None:
+            bf = (comp if bf is None else bf.float() + comp).to(w.dtype)
         return wf, bf
 
     def to_linear(self, fold: bool = True) -> nn.Linear:
@@ -337,7 +385,7 @@ class GatedLinear(nn.Module):
         if not fold:
             return self.base
         wf, bf = self.folded_weight_and_bias()
-        lin = nn.Linear(
+        lin = nn.Linear(  # a compensated layer may gain a bias it did not have
             self.in_features,
             self.out_features,
             bias=bf is not None,
@@ -350,13 +398,15 @@ class GatedLinear(nn.Module):
                 lin.bias.copy_(bf)
         lin.weight.requires_grad_(self.base.weight.requires_grad)
         if bf is not None:
-            lin.bias.requires_grad_(self.base.bias.requires_grad)
+            b = self.base.bias
+            lin.bias.requires_grad_(b.requires_grad if b is not None else False)
         return lin
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, bias={self.base.bias is not None}, "
-            f"noise_std={self.noise_std}, lora_rank={self.lora_rank}"
+            f"noise_std={self.noise_std}, lora_rank={self.lora_rank}, col_group={self.col_group}, "
+            f"compensated={self.comp_mean is not None}"
         )
 
 
@@ -469,6 +519,32 @@ def inject_gates(
 def gated_modules(model: nn.Module) -> dict[str, GatedLinear]:
     """name -> GatedLinear, in model order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, GatedLinear)}
+
+
+@contextlib.contextmanager
+def gates_open(model: nn.Module) -> Iterator[None]:
+    """Within the block every GatedLinear is its dense self (the distillation teacher)."""
+    gms = list(gated_modules(model).values())
+    before = [g.force_open for g in gms]
+    for g in gms:
+        g.force_open = True
+    try:
+        yield
+    finally:
+        for g, b in zip(gms, before, strict=True):
+            g.force_open = b
+
+
+@torch.no_grad()
+def tie_columns(gm: GatedLinear, group: int) -> None:
+    """One gate per run of `group` columns (a head gate on o_proj): logits set to their mean."""
+    if group <= 1:
+        gm.col_group = 1
+        return
+    if gm.in_features % group:
+        raise ConfigError("head_gates", f"{gm.in_features} columns do not split into {group}s")
+    gm.col_logits.copy_(gm.col_logits.view(-1, group).mean(1).repeat_interleave(group))
+    gm.col_group = int(group)
 
 
 def remove_gates(model: nn.Module, fold: bool = True) -> None:

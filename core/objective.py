@@ -296,7 +296,7 @@ def _focus_scale(
     out: dict[str, tuple[Tensor, Tensor]] = {}
     for name, gm in gated_modules(model).items():
         m_r = _lowest_mask(gm.row_logits, share)
-        m_c = _lowest_mask(gm.col_logits, share)
+        m_c = _lowest_mask(gm.col_theta(), share)
         if name in base:
             b_r, b_c = base[name]
             m_r, m_c = m_r * b_r, m_c * b_c

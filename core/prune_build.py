@@ -40,6 +40,13 @@ def _lin(dst: nn.Linear, w: Tensor, b: Tensor | None) -> None:
     dst.weight.data = w.detach().clone().contiguous()
     if dst.bias is not None:
         dst.bias.data = torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b.detach().clone()
+    elif b is not None and bool((b != 0).any()):
+        raise PlanError("internal: a nonzero bias would be dropped (pruned config lacks a bias)")
+
+
+def _biased(m: nn.Module) -> bool:
+    """Does the folded layer carry a bias: its own, or one from compensation?"""
+    return m.bias is not None or getattr(m, "comp_mean", None) is not None
 
 
 def _copy_norm(dst: nn.Module, src: nn.Module) -> None:
@@ -166,8 +173,9 @@ def _build_bert(
         num_labels=num_labels,
         has_pooler=pooler is not None,
         qkv_bias=mod(ls0.q).bias is not None,
-        o_bias=mod(ls0.o).bias is not None,
-        ffn_bias=mod(ls0.ffn_in[0]).bias is not None,
+        o_bias=any(_biased(mod(ls.o)) for ls in S.layers),
+        ffn_bias=mod(ls0.ffn_in[0]).bias is not None
+        or any(_biased(mod(ls.ffn_out)) for ls in S.layers),
         embedding_size=0 if project is None else emb.word_embeddings.embedding_dim,
     )
     pm = PrunedBertModel(pcfg)
@@ -232,6 +240,7 @@ def _build_llama(
     inv_freq = rot.inv_freq.detach().float()  # (hd/2,)
     ls0 = S.layers[0]
     window, window_layers = sliding_window(cfg, spec)
+    o_comp = any(_biased(mod(ls.o)) for ls in S.layers)
     pcfg = PrunedLlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=S.hidden_size,
@@ -241,9 +250,12 @@ def _build_llama(
         layers=[LlamaLayerShape(s["n"], s["d_qk"], s["d_vo"], len(s["ffn"])) for s in shapes],
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        attention_bias=mod(ls0.q).bias is not None,
-        o_bias=mod(ls0.o).bias is not None,
-        mlp_bias=mod(ls0.ffn_in[1]).bias is not None,
+        # a compensated o_proj/down_proj gains a bias; q/k/v (gate/up) then carry zero
+        # biases too, so the HF copy stays a plain Llama config (attention_bias/mlp_bias)
+        attention_bias=mod(ls0.q).bias is not None or o_comp,
+        o_bias=mod(ls0.o).bias is not None or o_comp,
+        mlp_bias=mod(ls0.ffn_in[1]).bias is not None
+        or any(_biased(mod(ls.ffn_out)) for ls in S.layers),
         attention_scaling=float(getattr(rot, "attention_scaling", 1.0)),
         hidden_act=cfg.hidden_act,
         bos_token_id=cfg.bos_token_id,

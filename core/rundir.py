@@ -39,7 +39,7 @@ from torch import nn
 
 from core import ENGINE_VERSION
 from core.errors import RunDirError, TrainingError
-from core.gates import GateConfig, inject_gates
+from core.gates import GateConfig, gated_modules, inject_gates
 from core.modeling import load_tokenizer
 
 RUN_FORMAT = "finegates-run"
@@ -56,6 +56,7 @@ FINAL = "final"
 
 # final/
 FINAL_STATE = "gated_state.safetensors"
+COMPENSATION = "compensation.safetensors"  # calibration means of compensated layers
 FINAL_INFO = "gated_model.json"
 FINAL_FORMAT = "finegates-gated/1"
 
@@ -89,6 +90,7 @@ class RunConfig(TypedDict):
     total_steps: int
     trainable_params: int
     warnings: list[str]
+    calibration: dict[str, Any]  # the calibration pass's summary (core.train_setup.calibrate)
 
 
 class GatedInfo(TypedDict, total=False):
@@ -120,6 +122,8 @@ class GatedInfo(TypedDict, total=False):
     metrics: dict[str, float]
     max_length: int
     hyperparameters: dict[str, Any]
+    column_groups: dict[str, int]  # head gates: o_proj name -> columns per gate
+    compensated: list[str]  # layers whose calibration means are in COMPENSATION
 
 
 @dataclass
@@ -321,6 +325,13 @@ class RunDir:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_model(model, str(tmp / FINAL_STATE))
+        from core.importance import compensation_state
+
+        comp = compensation_state(model)
+        if comp:
+            from safetensors.torch import save_file
+
+            save_file(comp, str(tmp / COMPENSATION))
         cast(Any, model.config).save_pretrained(str(tmp))  # an HF PretrainedConfig
         (tmp / FINAL_INFO).write_text(json.dumps(info, indent=2, default=float), "utf-8")
         if tokenizer is not None:
@@ -372,6 +383,23 @@ def load_gated_run(run_dir: Path | str) -> tuple[nn.Module, Any, dict[str, Any]]
     missing, unexpected = load_model(model, str(final / FINAL_STATE), strict=True)
     if missing or unexpected:
         raise TrainingError(f"final state does not fit: missing={missing} unexpected={unexpected}")
+    gms = gated_modules(model)
+    for name, group in (info.get("column_groups") or {}).items():
+        if name not in gms:
+            raise RunDirError(f"{final}: column_groups names {name!r}, which is not gated")
+        gms[name].col_group = int(group)  # the saved logits are already equal per group
+    if info.get("compensated"):
+        from safetensors.torch import load_file
+
+        from core.importance import load_compensation
+
+        path = final / COMPENSATION
+        if not path.is_file():
+            raise RunDirError(f"{final}: compensated layers listed but {COMPENSATION} missing")
+        means = load_file(str(path))
+        if sorted(means) != sorted(info["compensated"]):
+            raise RunDirError(f"{final}: {COMPENSATION} does not match 'compensated'")
+        load_compensation(model, means)
     tok_dir = final / TOKENIZER if (final / TOKENIZER).is_dir() else rd.tokenizer_dir
     tokenizer = load_tokenizer(tok_dir, info.get("family"))
     model.eval()

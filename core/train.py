@@ -33,8 +33,9 @@ from core import __version__ as ENGINE_VERSION
 from core import checkpoint as ckpt
 from core.callbacks import CallbackList, CheckpointRecord, EvalRecord, StepRecord, TrainerCallback
 from core.config import Hyperparameters, JobConfig
+from core.distill import kl_loss, teacher_logits
 from core.errors import FineGatesError, TrainingError
-from core.gates import gated_modules
+from core.gates import gated_modules, gates_open
 from core.metrics import classification_metrics, is_better, perplexity, regression_metrics
 from core.rundir import FINAL_FORMAT, GatedInfo, RunConfig, RunDir, TrainResult, load_gated_run
 from core.tokenize import Collator
@@ -45,6 +46,7 @@ from core.train_setup import (
     Tokens,
     build_model,
     build_schedule,
+    calibrate,
     default_data_dir,
     encode_data,
     prepare_data,
@@ -98,9 +100,11 @@ class _Progress:
     best_metrics: dict[str, float] = field(default_factory=dict)
     since_best: int = 0
     last_measured: float | None = None
+    recovering_since: int | None = None  # the step the recovery phase froze the gates
 
     def extra(self, reason: str) -> dict[str, Any]:
         return {
+            "recovering_since": self.recovering_since,
             "tokens": self.tokens,
             "best_value": self.best_value,
             "best_step": self.best_step,
@@ -131,9 +135,27 @@ def _restore(rd: RunDir, resume: bool, model: nn.Module, sch: Schedule) -> _Prog
         best_metrics=ex.get("best_metrics", {}),
         since_best=int(ex.get("since_best", 0)),
         last_measured=ex.get("measured_sparsity"),
+        recovering_since=ex.get("recovering_since"),
     )
+    if p.recovering_since is not None:
+        _freeze_gates(model)
     rd.truncate_metrics(p.step)
     return p
+
+
+def _freeze_gates(model: nn.Module) -> None:
+    """The recovery phase (method.md §2.9): the gates stop moving and stop drawing noise,
+    so training sees exactly the eval gates the pruned model will have."""
+    for gm in gated_modules(model).values():
+        gm.noise_std = 0.0
+
+
+def _drop_gate_grads(model: nn.Module) -> None:
+    """Recovery: the gates get no update (grad None: AdamW skips them, state untouched).
+    They keep requires_grad so checkpoints still hold them."""
+    for gm in gated_modules(model).values():
+        gm.row_logits.grad = None
+        gm.col_logits.grad = None
 
 
 # ----------------------------------------------------------------------------- eval
@@ -241,6 +263,12 @@ class _Loop:
             sch.objective.update(measured, p.step)
         is_best = False
         early = False
+        if (
+            hp.recovery and p.recovering_since is None and _eligible(measured, hp)
+            and sch.objective.target_at(p.step) >= float(hp.target_sparsity)
+        ):  # fmt: skip
+            p.recovering_since = p.step
+            _freeze_gates(self.model)
         if _eligible(measured, hp):
             if is_better(m.get(sch.metric_name), p.best_value, sch.metric_mode):
                 p.best_value, p.best_step, p.best_metrics = (
@@ -275,33 +303,74 @@ class _Loop:
         self.rd.append_metrics(row)
         return rec, early
 
-    def _step(self, order: list[int]) -> tuple[float, float, float, int]:
+    def evaluate_dense(self) -> EvalRecord:
+        """Step 0 of a language-model run: the dense starting point (gates open), so every
+        run shows its own reference perplexity. Not a candidate for "best"."""
+        sch, hp, tok = self.sch, self.hp, self.tok
+        with gates_open(self.model):
+            m = evaluate(
+                self.model, tok.val.examples or tok.train.examples[: sch.batch_size],
+                tok.collate, self.data.task, self.data.problem_type, sch.batch_size,
+                sch.device, sch.autocast, hp.eval_max_batches,
+            )  # fmt: skip
+        sp = _measure(self.model)
+        rec = EvalRecord(
+            step=0, total_steps=sch.total_steps, metrics=m, measured_sparsity=0.0,
+            sparsity_by_type=dict.fromkeys(sp["sparsity_by_type"], 0.0),
+            removable_params=0, gated_params=sp["gated_params"], is_best=False,
+        )  # fmt: skip
+        row = {"step": 0, "epoch": 0.0, **m, "measured_sparsity": 0.0}
+        row.update(
+            sparsity_by_type=rec.sparsity_by_type, removable_params=0,
+            gated_params=sp["gated_params"], target_sparsity=float(hp.target_sparsity),
+            is_best=False, dense=True,
+        )  # fmt: skip
+        self.rd.append_metrics(row)
+        return rec
+
+    def _distill_weight(self) -> float:
+        return 0.0 if not self.hp.distillation else float(self.hp.distillation)
+
+    def _step(self, order: list[int]) -> tuple[float, float, float, int, float]:
         """One optimizer step over up to ``accum`` micro-batches of ``order``.
-        Returns (task loss, sparsity term, weighted sparsity loss, examples seen)."""
+        Returns (task loss, sparsity term, weighted sparsity loss, examples seen,
+        distillation loss)."""
         p, sch, model, examples = self.p, self.sch, self.model, self.tok.train.examples
         bs = sch.batch_size
         n_micro = min(sch.accum, sch.micro_per_epoch - p.micro_idx)
         sch.optimizer.zero_grad(set_to_none=True)
         task_loss_v = 0.0
+        distill_v = 0.0
         step_examples = 0
+        w_kd = self._distill_weight()
         for _ in range(n_micro):
             idx = order[p.micro_idx * bs : (p.micro_idx + 1) * bs]
             batch = self.tok.collate([examples[i] for i in idx])
             batch = {k: v.to(sch.device) for k, v in batch.items()}
+            teacher = teacher_logits(model, batch, sch.autocast) if w_kd > 0 else None
             with sch.autocast():
                 out = model(**batch)
             loss = out.loss.float() / n_micro
-            loss.backward()
             task_loss_v += float(loss.detach())
+            if teacher is not None:
+                kd = kl_loss(out.logits, teacher, batch.get("labels"), self.hp.distill_temperature)
+                kd = w_kd * kd / n_micro
+                distill_v += float(kd.detach())
+                loss = loss + kd
+            loss.backward()
             step_examples += len(idx)
             p.tokens += int(batch["attention_mask"].sum())
             p.micro_idx += 1
-        # lambda * term, already zero before sparsity_start_step
-        sp_loss, sp_parts = sch.objective.loss(model, p.step)
-        if sp_loss.requires_grad:
-            sp_loss.backward()
-        sp_v = float(sp_parts.get("sparsity_term", 0.0))
-        weighted_sp = float(sp_loss.detach())
+        # lambda * term, already zero before sparsity_start_step; none while recovering
+        sp_v = weighted_sp = 0.0
+        if p.recovering_since is None:
+            sp_loss, sp_parts = sch.objective.loss(model, p.step)
+            if sp_loss.requires_grad:
+                sp_loss.backward()
+            sp_v = float(sp_parts.get("sparsity_term", 0.0))
+            weighted_sp = float(sp_loss.detach())
+        if p.recovering_since is not None:
+            _drop_gate_grads(model)
         if not math.isfinite(task_loss_v):
             raise TrainingError(f"task loss became {task_loss_v} at step {p.step + 1}")
         if self.hp.max_grad_norm:
@@ -311,7 +380,7 @@ class _Loop:
         sch.optimizer.step()
         sch.scheduler.step()
         p.step += 1
-        return task_loss_v, sp_v, weighted_sp, step_examples
+        return task_loss_v, sp_v, weighted_sp, step_examples, distill_v
 
     def run(self) -> str:
         """Train to the end or to a stop; returns the status ("completed", "stopped",
@@ -324,11 +393,14 @@ class _Loop:
         start_step = p.step
         seen_examples = 0
         go_on = True
+        if p.step == 0 and self.data.task in ("causal_lm", "sparsify"):
+            if cb.on_eval(self.evaluate_dense()) is False:
+                go_on = False
         try:
             while p.step < total and go_on:
                 order = _epoch_order(len(self.tok.train.examples), self.seed, p.epoch)
                 while p.micro_idx < per_epoch and p.step < total:
-                    task_loss_v, sp_v, weighted_sp, n_ex = self._step(order)
+                    task_loss_v, sp_v, weighted_sp, n_ex, kd_v = self._step(order)
                     seen_examples += n_ex
                     elapsed = time.perf_counter() - t0
                     done = p.step - start_step
@@ -336,7 +408,7 @@ class _Loop:
                         step=p.step,
                         total_steps=total,
                         epoch=p.epoch + p.micro_idx / per_epoch,
-                        loss=task_loss_v + weighted_sp,
+                        loss=task_loss_v + weighted_sp + kd_v,
                         task_loss=task_loss_v,
                         sparsity_loss=sp_v,
                         lr=float(sch.optimizer.param_groups[0]["lr"]),
@@ -344,6 +416,7 @@ class _Loop:
                         eta_seconds=elapsed / done * (total - p.step) if done else None,
                         measured_sparsity=p.last_measured,
                         tokens=p.tokens,
+                        distill_loss=kd_v,
                     )
                     if cb.on_step(srec) is False:
                         go_on = False
@@ -360,7 +433,8 @@ class _Loop:
                             rec = CheckpointRecord(p.step, str(d), erec.metrics, p.last_measured)
                             if cb.on_checkpoint(rec) is False:
                                 go_on = False
-                    if p.micro_idx >= per_epoch:
+                    new_epoch = p.micro_idx >= per_epoch
+                    if new_epoch:
                         p.epoch, p.micro_idx = p.epoch + 1, 0
                     if p.step % ck_interval == 0 or last or not go_on:
                         d = self.save_checkpoint("periodic" if go_on else "stop")
@@ -369,8 +443,8 @@ class _Loop:
                         )
                         if cb.on_checkpoint(crec) is False:
                             go_on = False
-                    if not go_on:
-                        break
+                    if not go_on or new_epoch:
+                        break  # a new epoch draws its own order (the outer loop)
                 else:
                     if p.micro_idx >= per_epoch:
                         p.epoch, p.micro_idx = p.epoch + 1, 0
@@ -416,6 +490,12 @@ def _final_info(
         "metrics": p.best_metrics,
         "max_length": tokens.max_len,
         "hyperparameters": hp.to_dict(),
+        "column_groups": {
+            n: g.col_group for n, g in gated_modules(setup.model).items() if g.col_group > 1
+        },
+        "compensated": [
+            n for n, g in gated_modules(setup.model).items() if g.comp_mean is not None
+        ],
     }
 
 
@@ -491,10 +571,12 @@ def train(
         "total_steps": sch.total_steps,
         "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad),
         "warnings": data.warnings,
+        "calibration": {},
     }
-    rd.write_config(run_config)
     rd.save_tokenizer(setup.tokenizer)
 
+    run_config["calibration"] = calibrate(model, hp, tokens, sch.device)
+    rd.write_config(run_config)
     progress = _restore(rd, resume, model, sch)
     status = _Loop(rd, model, data, tokens, sch, progress, cb, seed).run()
     if status == "stopped":

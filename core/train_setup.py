@@ -25,7 +25,7 @@ from core.catalog import resolve_model
 from core.config import Hyperparameters, JobConfig
 from core.data import LoadedData, load_records, split_validation
 from core.errors import ConfigError, DataError
-from core.gates import GateConfig, inject_gates, set_input_recording
+from core.gates import GateConfig, gated_modules, inject_gates, set_input_recording, tie_columns
 from core.metrics import primary_metric
 from core.modeling import LoadedBase, load_base
 from core.tokenize import Collator, Encoded, encode_classification, encode_lm
@@ -149,7 +149,7 @@ def prepare_data(config: JobConfig) -> JobData:
         unknown = sorted({r["label"] for r in train_recs + val_recs} - set(labels))
         if unknown:
             raise ConfigError("labels", f"data has labels not in the configured list: {unknown}")
-    if task == "sparsify" and config.hyperparameters.trainable != "gates":
+    if task == "sparsify" and config.hyperparameters.trainable not in ("gates", "auto"):
         raise ConfigError("trainable", "task 'sparsify' trains gates only; use 'gates'")
     return JobData(
         task=task,
@@ -201,7 +201,82 @@ def build_model(config: JobConfig, data: JobData, seed: int) -> ModelSetup:
     configure_trainable(model, hp.trainable, head_modules=heads)
     if hp.kurtosis:
         set_input_recording(model, True)
+    if hp.head_gates:
+        group_head_gates(model)
     return ModelSetup(model_path, base, model, base.tokenizer, gate_cfg, heads, hp)
+
+
+def group_head_gates(model: nn.Module) -> dict[str, int]:
+    """Tie o_proj's column gates per attention head (method.md §1.5); returns name -> group.
+
+    Why: a head is removed only when all of its head_dim value/output lines close. With one
+    gate per column that needs head_dim independent closures, and the gradient of "the
+    whole head is closed" is a product of head_dim terms that vanishes while they are open,
+    so whole heads (the only removals that save attention time on CPU) almost never happen.
+    One gate per head makes closing a head one decision.
+    """
+    from core.structure import describe
+
+    S = describe(model)
+    gms = gated_modules(model)
+    out = {}
+    for ls in S.layers:
+        gm = gms.get(ls.o)
+        if gm is not None:
+            tie_columns(gm, S.head_dim)
+            out[ls.o] = S.head_dim
+    return out
+
+
+def calibration_batches(
+    examples: list[dict], collate: Collator, batch_size: int, n_batches: int, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    """The first n_batches batches of the training examples in file order (deterministic,
+    so a resumed run recomputes exactly the same statistics)."""
+    out = []
+    for b in range(n_batches):
+        chunk = examples[b * batch_size : (b + 1) * batch_size]
+        if not chunk:
+            break
+        out.append({k: v.to(device) for k, v in collate(chunk).items()})
+    return out
+
+
+def calibrate(model: nn.Module, hp: Hyperparameters, tokens: Tokens, device: torch.device) -> dict:
+    """The calibration pass before the first step (method.md §2.6): input statistics of
+    every gated Linear on a few batches, then the importance init of the gates and/or the
+    compensation means. Returns a summary for the run config. Runs before a resume's
+    restore, which overwrites the gate logits with the checkpoint's."""
+    from core.importance import (
+        collect_input_stats,
+        init_gates_from_scores,
+        set_compensation,
+        unit_scores,
+    )
+    from core.structure import describe
+
+    if hp.calibration_batches == 0 or (hp.importance_init == "none" and not hp.compensation):
+        return {"calibrated": False}
+    S = describe(model)
+    names = [n for ls in S.layers for n in (ls.o, ls.ffn_out)]
+    batches = calibration_batches(
+        tokens.train.examples, tokens.collate, int(hp.batch_size), int(hp.calibration_batches),
+        device,
+    )  # fmt: skip
+    stats = collect_input_stats(model, batches, names)
+    summary: dict[str, Any] = {
+        "calibrated": True,
+        "calibration_tokens": max((st.count for st in stats.values()), default=0),
+    }
+    if hp.importance_init != "none":
+        scores = unit_scores(model, S, stats, str(hp.importance_init))
+        share = min(1.0, float(hp.target_sparsity) + 0.05)
+        summary["candidates"] = init_gates_from_scores(
+            model, S, scores, share, float(hp.importance_scale)
+        )
+    if hp.compensation:
+        summary["compensated"] = set_compensation(model, S, stats)
+    return summary
 
 
 # ----------------------------------------------------------------------------- tokens

@@ -10,6 +10,29 @@ from core.config import Hyperparameters, JobConfig
 from core.errors import ConfigError
 
 
+@pytest.mark.parametrize(
+    ("task", "trainable", "distillation"),
+    [
+        ("classification", "gates+lora", 0.0),
+        ("causal_lm", "gates+lora", 0.5),
+        ("sparsify", "gates", 0.5),
+    ],
+)
+def test_auto_levers_resolve_per_task(task, trainable, distillation):
+    hp = Hyperparameters().resolve(1000, task)
+    assert hp.trainable == trainable
+    assert hp.distillation == distillation
+    # an explicit choice is kept
+    assert Hyperparameters(trainable="gates").resolve(1000, task).trainable == "gates"
+
+
+def test_calibration_needed_by_importance_init():
+    with pytest.raises(ConfigError) as e:
+        Hyperparameters(calibration_batches=0)
+    assert e.value.field == "calibration_batches"
+    assert Hyperparameters(calibration_batches=0, importance_init="none").calibration_batches == 0
+
+
 def test_defaults_follow_method_md():
     hp = Hyperparameters()
     assert hp.target_sparsity == 0.4
@@ -19,7 +42,9 @@ def test_defaults_follow_method_md():
     assert hp.weight_decay == 0.0
     assert hp.seed == 1948
     assert hp.objective == "calibrated"
-    assert hp.trainable == "gates"
+    assert hp.trainable == "auto"
+    assert hp.head_gates is True and hp.importance_init == "flap"
+    assert hp.compensation is False and hp.recovery is False
     assert hp.n_epochs == "auto" and hp.batch_size == "auto" and hp.learning_rate == "auto"
 
 
@@ -33,6 +58,9 @@ def test_defaults_follow_method_md():
         ("n_epochs", 2.5, "integer"),
         ("learning_rate", "fast", "got 'fast'"),
         ("trainable", "everything", "'gates', 'gates+lora', 'gates+weights'"),
+        ("importance_init", "magic", "'flap', 'wanda', 'none'"),
+        ("distillation", -1, "[0.0, 100.0]"),
+        ("head_gates", "maybe", "true or false"),
         ("objective", "l0", "'calibrated', 'paper'"),
         ("kurtosis", "maybe", "true or false"),
         ("gate_noise_std", float("nan"), "finite"),

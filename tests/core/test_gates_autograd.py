@@ -76,7 +76,8 @@ def test_row_dead_rows_get_zero_grad_and_others_unchanged():
     full, skipped = grads
     assert full[0] != 0 and full[1] != 0  # closed rows: true gradient is not zero
     assert skipped[0] == 0  # dead row skipped
-    torch.testing.assert_close(skipped[1:], full[1:], rtol=0, atol=0)
+    # the recomputed rows go through a matmul of another shape: fp64 rounding only
+    torch.testing.assert_close(skipped[1:], full[1:], rtol=0, atol=1e-12)
 
 
 # -- GatedLinear: fused vs reference --------------------------------------------------------
