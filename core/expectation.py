@@ -144,10 +144,11 @@ def expected_kept_params(
         v = rows(ls.v, G * d).view(G, d)
         o = cols(ls.o, H * d).view(G, gs, d)
         o_gm = gated.get(ls.o)
-        if o_gm is not None and o_gm.col_group == d:
-            # head gates: one variable per query head, so "the group's output is dead" is
-            # P(all its heads closed) + P(some open) * P(all its v rows closed), not a
-            # product over d tied copies (whose gradient vanishes as (1 - o)^d).
+        if o_gm is not None and o_gm.col_group in (d, gs * d):
+            # head gates: one variable per head (col_group d) or per KV group (gs * d), so
+            # "the group's output is dead" is P(its gate(s) closed) + P(open) * P(all its v
+            # rows closed), not a product over d tied copies (whose gradient vanishes as
+            # (1 - o)^d).
             alive = 1 - torch.prod(1 - o[..., 0], dim=1)  # (G,) any head of the group open
             vo = v * alive[:, None]
             group = alive * (1 - torch.prod(1 - v, dim=1))

@@ -9,13 +9,13 @@ count, sum and sum of squares of x_j over real (non-padding) tokens. From them:
   mean (its mean can be folded into the bias, see compensation below);
 - Wanda's score: ``||W[:, j]||_1 * rms(x_j)`` -- the output magnitude x_j carries.
 
-A unit of the pruning plan is scored as the sum of its columns: an attention head (its
-head_dim columns of o_proj), an FFN neuron (its column of down_proj).
+A unit of the pruning plan is scored as the sum of its columns: a KV group (the o_proj
+columns of its query heads; one head under MHA), an FFN neuron (its column of down_proj).
 
 ``init_gates_from_scores`` turns scores into a starting point: scores are standardised
 within each layer (FLAP's per-layer standardisation, so layers compare) and ranked
 globally per unit kind; the lowest ``share`` become the candidates. Every line of a
-candidate (head: its q/k/v rows and o columns; neuron: its up/gate rows and down column)
+candidate (KV group: its q/k/v rows and o columns; neuron: its up/gate rows and down column)
 starts just inside the unsaturated region of the gate (logit 0.55 - scale * r, r in
 (0, 1] growing toward the least important), so the task gradient reaches it from step 0
 and the focused sparsity push (core.objective) works on it first. Every other gate keeps
@@ -124,7 +124,8 @@ def column_scores(w: Tensor, st: ColumnStats, method: str) -> Tensor:
 
 @dataclass
 class UnitScores:
-    """Scores of the plan's units, per layer: heads (num_heads,), neurons (intermediate,)."""
+    """Scores of the plan's units, per layer: KV groups (num_kv_heads,; a head under MHA)
+    and FFN neurons (intermediate,)."""
 
     heads: list[Tensor]
     neurons: list[Tensor]
@@ -133,17 +134,17 @@ class UnitScores:
 def unit_scores(
     model: nn.Module, S: ModelStructure, stats: Mapping[str, ColumnStats], method: str
 ) -> UnitScores:
-    """Head = sum of its o_proj column scores; neuron = its down_proj column score.
-    A layer whose consumer is not gated gets no candidates (all +inf)."""
+    """KV group = sum of its query heads' o_proj column scores; neuron = its down_proj
+    column score. A layer whose consumer is not gated gets no candidates (all +inf)."""
     heads: list[Tensor] = []
     neurons: list[Tensor] = []
     for ls in S.layers:
         o = model.get_submodule(ls.o)
         if ls.o in stats and isinstance(o, GatedLinear):
             sc = column_scores(o.base.weight, stats[ls.o], method)
-            heads.append(sc.view(S.num_heads, S.head_dim).sum(1))
+            heads.append(sc.view(S.num_kv_heads, S.group_size * S.head_dim).sum(1))
         else:
-            heads.append(torch.full((S.num_heads,), float("inf")))
+            heads.append(torch.full((S.num_kv_heads,), float("inf")))
         down = model.get_submodule(ls.ffn_out)
         if ls.ffn_out in stats and isinstance(down, GatedLinear):
             neurons.append(column_scores(down.base.weight, stats[ls.ffn_out], method))
@@ -199,25 +200,19 @@ def init_gates_from_scores(
     h_rank = candidate_ranks(standardized(scores.heads), share)
     n_rank = candidate_ranks(standardized(scores.neurons), share)
     gms = gated_modules(model)
-    G, d, gs = S.num_kv_heads, S.head_dim, S.group_size
+    d, gs = S.head_dim, S.group_size
     n_heads = n_neurons = 0
     for ls, hr, nr in zip(S.layers, h_rank, n_rank, strict=True):
-        theta_h = _OPEN_EDGE - scale * hr  # (H,)
-        cand = (hr > 0).nonzero().squeeze(1)
-        n_heads += int(cand.numel())
-        for h in cand.tolist():
-            cols = torch.arange(h * d, (h + 1) * d)
-            val = theta_h[h].expand(d)
-            _set(gms.get(ls.o, nn.Identity()), "col", cols, val)
-        for g in range(G):  # a KV group's rows follow its most important head
-            hs = hr[g * gs : (g + 1) * gs]
-            if bool((hs > 0).all()):
-                rows = torch.arange(g * d, (g + 1) * d)
-                val = (_OPEN_EDGE - scale * hs.min()).expand(d)
-                _set(gms.get(ls.k, nn.Identity()), "row", rows, val)
-                _set(gms.get(ls.v, nn.Identity()), "row", rows, val)
-                q_rows = torch.arange(g * gs * d, (g + 1) * gs * d)
-                _set(gms.get(ls.q, nn.Identity()), "row", q_rows, val.repeat(gs))
+        cand = (hr > 0).nonzero().squeeze(1)  # candidate KV groups
+        n_heads += int(cand.numel()) * gs
+        for g in cand.tolist():
+            val = torch.tensor(_OPEN_EDGE - scale * float(hr[g]))
+            kv = torch.arange(g * d, (g + 1) * d)
+            q = torch.arange(g * gs * d, (g + 1) * gs * d)
+            _set(gms.get(ls.o, nn.Identity()), "col", q, val.expand(q.numel()))
+            _set(gms.get(ls.q, nn.Identity()), "row", q, val.expand(q.numel()))
+            _set(gms.get(ls.k, nn.Identity()), "row", kv, val.expand(d))
+            _set(gms.get(ls.v, nn.Identity()), "row", kv, val.expand(d))
         cand_n = (nr > 0).nonzero().squeeze(1)
         n_neurons += int(cand_n.numel())
         val_n = _OPEN_EDGE - scale * nr[cand_n]

@@ -31,10 +31,6 @@ ONESHOT_METHODS: tuple[str, ...] = ("flap", "wandasp")
 _OPEN, _CLOSED = 3.0, -3.0
 
 
-def _group_scores(heads: Tensor, group_size: int) -> Tensor:
-    return heads.view(-1, group_size).sum(1)
-
-
 @torch.no_grad()
 def _apply(
     model: nn.Module, S: ModelStructure, dead_groups: list[Tensor], dead_ffn: list[Tensor]
@@ -93,7 +89,7 @@ def oneshot_prune(
         gm.col_group = 1
         gm.comp_mean = None
     sc = unit_scores(model, S, stats, "flap" if method == "flap" else "wanda")
-    groups = [_group_scores(h, S.group_size) for h in sc.heads]
+    groups = sc.heads  # already one score per KV group
     neurons = sc.neurons
     if method == "flap":
         z_g, z_n = standardized(groups), standardized(neurons)

@@ -207,7 +207,10 @@ def build_model(config: JobConfig, data: JobData, seed: int) -> ModelSetup:
 
 
 def group_head_gates(model: nn.Module) -> dict[str, int]:
-    """Tie o_proj's column gates per attention head (method.md §1.5); returns name -> group.
+    """Tie o_proj's column gates per KV group (method.md §1.5); returns name -> group.
+
+    Under MHA a KV group is one head; under GQA it is the group_size query heads that
+    share a key/value head, the smallest attention unit the plan can remove.
 
     Why: a head is removed only when all of its head_dim value/output lines close. With one
     gate per column that needs head_dim independent closures, and the gradient of "the
@@ -223,8 +226,8 @@ def group_head_gates(model: nn.Module) -> dict[str, int]:
     for ls in S.layers:
         gm = gms.get(ls.o)
         if gm is not None:
-            tie_columns(gm, S.head_dim)
-            out[ls.o] = S.head_dim
+            tie_columns(gm, S.group_size * S.head_dim)
+            out[ls.o] = S.group_size * S.head_dim
     return out
 
 

@@ -194,3 +194,46 @@ def test_metrics_on_known_inputs():
     assert r["pearson"] == pytest.approx(11.5 / (5 * 26.75) ** 0.5)  # by hand
     assert perplexity(2.0 * 10, 10) == pytest.approx(torch.e**2)
     assert regression_metrics([1.0, 1.0], [0.0, 1.0])["pearson"] == 0.0  # constant: no NaN
+
+
+def _lm_text(tmp_path, n=64):
+    rng = random.Random(3)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa"]
+    p = tmp_path / "lm.jsonl"
+    p.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}) + "\n"
+                         for _ in range(n)))  # fmt: skip
+    return p
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "sparsify"])
+def test_lm_job_reaches_its_target_and_starts_with_a_dense_evaluation(
+    tiny_llama_dir, tmp_path, task
+):
+    job = _job(tiny_llama_dir, _lm_text(tmp_path), max_steps=150, eval_interval=10,
+               target_sparsity=0.3, max_length=32)  # fmt: skip
+    job.task = task
+    res = train(job, tmp_path / "r", device="cpu")
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    first = rows[0]
+    assert first["step"] == 0 and first["dense"] is True and first["measured_sparsity"] == 0.0
+    assert first["perplexity"] > 1.0
+    assert res.target_reached and abs(res.measured_sparsity - 0.3) <= 0.03
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["config"]["hyperparameters"]["distillation"] == 0.5  # "auto" for LM tasks
+    assert cfg["calibration"]["calibrated"] is True
+
+
+def test_compensated_run_reloads_with_its_means_and_head_groups(tiny_llama_dir, tmp_path):
+    job = _job(tiny_llama_dir, _lm_text(tmp_path, 24), max_steps=4, eval_interval=2,
+               target_sparsity=0.3, compensation=True, max_length=32)  # fmt: skip
+    job.task = "sparsify"
+    train(job, tmp_path / "r", device="cpu")
+    info = json.loads((tmp_path / "r" / "final" / "gated_model.json").read_text())
+    assert info["compensated"] and info["column_groups"]
+    model, _, _ = load_gated_run(tmp_path / "r")
+    gms = gated_modules(model)
+    assert all(gms[n].comp_mean is not None for n in info["compensated"])
+    assert all(gms[n].col_group == g for n, g in info["column_groups"].items())
+    (tmp_path / "r" / "final" / "compensation.safetensors").unlink()
+    with pytest.raises(Exception, match="compensation.safetensors"):
+        load_gated_run(tmp_path / "r")
