@@ -150,7 +150,7 @@ class Hyperparameters:
     sparsity_focus: bool = True
     sparsity_tolerance: float = 0.03  # a checkpoint may be "best" only within this of target
     max_grad_norm: float | None = 1.0
-    # --- compression levers (method.md §1.5, §2.6-§2.9) ---
+    # --- compression levers (method.md §1.5, §2.7-§2.10) ---
     head_gates: bool = True  # one gate per attention head on o_proj's columns
     importance_init: str = "flap"  # calibration scores that rank and start the gates
     importance_scale: float = 0.5  # how far below the open edge the weakest candidate starts

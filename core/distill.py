@@ -1,4 +1,4 @@
-"""Distillation from the dense teacher (method.md §2.7).
+"""Distillation from the dense teacher (method.md §2.8).
 
 The teacher is free: the same model with every gate forced open (core.gates.gates_open),
 run without gradient on the same batch. With ``trainable: "gates+lora"`` the teacher

@@ -238,9 +238,9 @@ class GatedLinear(nn.Module):
         # one gate (the mean of their logits; the entries stay equal because they start
         # equal and always receive equal gradients). Set by core.train_setup.
         self.col_group = 1
-        # Teacher forward (method.md §2.7): every gate reads 1 and nothing is compensated.
+        # Teacher forward (method.md §2.8): every gate reads 1 and nothing is compensated.
         self.force_open = False
-        # Compensation (method.md §2.8): the calibration mean of each input column; a
+        # Compensation (method.md §2.9): the calibration mean of each input column; a
         # closed (or partly closed) column contributes W[:, j] * (1 - z_c[j]) * mean[j]
         # through the bias instead of vanishing. None: no compensation.
         self.register_buffer("comp_mean", None, persistent=False)

@@ -1,4 +1,4 @@
-"""Calibration pass and importance scores (method.md §2.6).
+"""Calibration pass and importance scores (method.md §2.7).
 
 Before the first step, a few batches of the job's own training data run through the
 model with no gradient. Hooks on every gated Linear accumulate, per input column j, the

@@ -144,7 +144,7 @@ def _restore(rd: RunDir, resume: bool, model: nn.Module, sch: Schedule) -> _Prog
 
 
 def _freeze_gates(model: nn.Module) -> None:
-    """The recovery phase (method.md §2.9): the gates stop moving and stop drawing noise,
+    """The recovery phase (method.md §2.10): the gates stop moving and stop drawing noise,
     so training sees exactly the eval gates the pruned model will have."""
     for gm in gated_modules(model).values():
         gm.noise_std = 0.0

@@ -246,7 +246,7 @@ def calibration_batches(
 
 
 def calibrate(model: nn.Module, hp: Hyperparameters, tokens: Tokens, device: torch.device) -> dict:
-    """The calibration pass before the first step (method.md §2.6): input statistics of
+    """The calibration pass before the first step (method.md §2.7): input statistics of
     every gated Linear on a few batches, then the importance init of the gates and/or the
     compensation means. Returns a summary for the run config. Runs before a resume's
     restore, which overwrites the gate logits with the checkpoint's."""

@@ -147,8 +147,9 @@ def test_resume_is_exact_with_every_lever_on(tiny_bert_dir, tiny_llama_dir, tmp_
     from core.train import train
 
     n = 4
-    levers = dict(head_gates=True, importance_init="flap", compensation=True, distillation=0.5,
-                  recovery=True, sparsity_tolerance=0.5, calibration_batches=2)  # fmt: skip
+    levers = {"head_gates": True, "importance_init": "flap", "compensation": True,
+              "distillation": 0.5, "recovery": True, "sparsity_tolerance": 0.5,
+              "calibration_batches": 2}  # fmt: skip
     for name, model_dir, data, task in (
         ("cls", tiny_bert_dir, _data(tmp_path), "classification"),
         ("lm", tiny_llama_dir, _lm_data(tmp_path), "sparsify"),
