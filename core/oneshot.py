@@ -51,18 +51,18 @@ def _apply(
                 (ls.q, q, "row"),
                 (ls.o, q, "col"),
             ):
-                gm = gms.get(name)
-                if gm is not None:
-                    (gm.row_logits if side == "row" else gm.col_logits)[sl] = _CLOSED
+                lin = gms.get(name)
+                if lin is not None:
+                    (lin.row_logits if side == "row" else lin.col_logits)[sl] = _CLOSED
         idx = df.nonzero().squeeze(1)
         if idx.numel():
-            gm = gms.get(ls.ffn_out)
-            if gm is not None:
-                gm.col_logits[idx] = _CLOSED
+            down = gms.get(ls.ffn_out)
+            if down is not None:
+                down.col_logits[idx] = _CLOSED
             for name in ls.ffn_in:
-                gm = gms.get(name)
-                if gm is not None:
-                    gm.row_logits[idx] = _CLOSED
+                up = gms.get(name)
+                if up is not None:
+                    up.row_logits[idx] = _CLOSED
 
 
 def _measured(model: nn.Module) -> float:

@@ -319,7 +319,7 @@ class _Loop:
             sparsity_by_type=dict.fromkeys(sp["sparsity_by_type"], 0.0),
             removable_params=0, gated_params=sp["gated_params"], is_best=False,
         )  # fmt: skip
-        row = {"step": 0, "epoch": 0.0, **m, "measured_sparsity": 0.0}
+        row: dict[str, Any] = {"step": 0, "epoch": 0.0, **m, "measured_sparsity": 0.0}
         row.update(
             sparsity_by_type=rec.sparsity_by_type, removable_params=0,
             gated_params=sp["gated_params"], target_sparsity=float(hp.target_sparsity),
