@@ -512,7 +512,12 @@ def requeue_stale(
             values: dict[str, Any] = {"status": CANCELLED, "finished_at": now, "worker_id": None}
             msg, level, status = "Worker lost while cancelling; job cancelled", "info", CANCELLED
         elif attempts < max_attempts:
-            values = {"status": QUEUED, "worker_id": None, "heartbeat_at": None, "published_at": now}
+            values = {
+                "status": QUEUED,
+                "worker_id": None,
+                "heartbeat_at": None,
+                "published_at": now,
+            }
             msg = (
                 f"Worker {worker_id} stopped responding ({since}); job requeued to resume "
                 f"from {where_ckpt} (attempt {attempts} of {max_attempts} used)"
@@ -710,9 +715,7 @@ def note_publish_failed(
             f"({error}); nothing ran. Create the job again once the service is healthy",
         )
         return FAILED if ok else QUEUED
-    _guarded(
-        session, job_id, [QUEUED], {"publish_failed_since": since, "published_at": None}
-    )
+    _guarded(session, job_id, [QUEUED], {"publish_failed_since": since, "published_at": None})
     session.commit()
     return QUEUED
 

@@ -32,7 +32,11 @@ log = logging.getLogger(__name__)
 
 
 def _publish_reaped(
-    settings: Settings, session_factory: sessionmaker[Session], send: Publish, job_id: str, queue: str
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    send: Publish,
+    job_id: str,
+    queue: str,
 ) -> bool:
     """Publish one requeued job; a failure is recorded (the sweep retries it), never raised,
     so one unreachable broker call cannot skip the rest of the pass."""

@@ -266,7 +266,12 @@ def execute_job(
     watchdog.start()
     lock = RunDirLock(run_dir)
     try:
-        if not lock.acquire(float(settings.progress_timeout_s), touch=cb.alive):
+        # long enough for a stale holder to notice it lost the job, or for its watchdog
+        # to end its process
+        wait = (
+            max(settings.progress_timeout_s, settings.heartbeat_timeout_s) + settings.stop_grace_s
+        )
+        if not lock.acquire(float(wait), touch=cb.alive):
             with session_scope(factory) as s:
                 status = jobstate.give_up_running(
                     s,
