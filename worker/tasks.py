@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 import sys
 import threading
@@ -196,6 +197,14 @@ def _package(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str, An
     return {"pruned": True, "formats": ["tar", *result.formats], **result.summary()}
 
 
+def _remove_stale_staging(artifact_dir: Path) -> None:
+    """Staging folders a killed delivery left beside the artifact (hidden, never served).
+    Safe: this delivery holds the job's run-directory lock, so no other writer of this
+    job's artifact is alive."""
+    for p in artifact_dir.parent.glob(f".{artifact_dir.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def _free_memory() -> None:
     gc.collect()
     torch = sys.modules.get("torch")
@@ -342,6 +351,7 @@ def _run_claimed(
         cb.check_stop()
         cb.before_write("artifact")
         stage = "writing the model artifact"
+        _remove_stale_staging(settings.data_path / artifact_rel)
         summary = _package(run_dir, settings.data_path / artifact_rel, cb)
         summary.setdefault("measured_sparsity", sparsity)
         target = (job.hyperparameters or {}).get("target_sparsity")
