@@ -15,6 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ConfigError, DataError, FineGatesError, ModelNotFoundError
@@ -129,6 +131,16 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     return param or None
 
 
+DB_RETRY_AFTER_S = 2
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """A connection-level database failure (retryable), not a bad statement."""
+    return isinstance(
+        exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+    ) or bool(getattr(exc, "connection_invalidated", False))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_req: Request, exc: APIError) -> JSONResponse:
@@ -167,6 +179,28 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FineGatesError)
     async def _engine_error(_req: Request, exc: FineGatesError) -> JSONResponse:
         return from_engine_error(exc).response()
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_error(_req: Request, exc: SQLAlchemyError) -> JSONResponse:
+        if not database_unavailable(exc):
+            log.exception("database error", exc_info=exc)
+            return JSONResponse(
+                error_body(500, "The server had an error while processing your request."),
+                status_code=500,
+            )
+        # The database is away (restarting, failing over) or the pool is exhausted: a
+        # retryable 503; the pool's pre-ping reconnects once it is back.
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return JSONResponse(
+            error_body(
+                503,
+                "The service is temporarily unavailable (its database cannot be reached); "
+                "retry shortly.",
+                code="database_unavailable",
+            ),
+            status_code=503,
+            headers={"Retry-After": str(DB_RETRY_AFTER_S)},
+        )
 
     @app.exception_handler(Exception)
     async def _unhandled(_req: Request, exc: Exception) -> JSONResponse:

@@ -59,6 +59,18 @@ class ReapedJob:
     queue: str
 
 
+def db_now(session: Session) -> Any:
+    """The database's clock, for heartbeats and the reaper's cutoff.
+
+    Why: a worker's clock and the reaper's may disagree (and a worker paused through a
+    database outage must not look fresh because of its own clock). PostgreSQL stamps
+    and compares with ``now()``; SQLite lives on this host, so the host clock IS its clock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return func.now()
+    return utcnow()
+
+
 def _event_row(job_id: str, message: str, level: str, type_: str, data: Any, at: datetime) -> dict:
     if level not in LEVELS:
         raise ValueError(f"event level must be one of {LEVELS}, got {level!r}")
@@ -219,7 +231,7 @@ def claim(session: Session, job_id: str, worker_id: str, *, run_dir: str | None 
     values: dict[str, Any] = {
         "status": RUNNING,
         "worker_id": worker_id,
-        "heartbeat_at": now,
+        "heartbeat_at": db_now(session),
         "attempts": Job.attempts + 1,
         "started_at": func.coalesce(Job.started_at, now),
     }
@@ -258,7 +270,7 @@ def record_progress(
     measured_sparsity, metrics (dict of task metrics), created_at.
     """
     now = utcnow()
-    values: dict[str, Any] = {"heartbeat_at": now}
+    values: dict[str, Any] = {"heartbeat_at": db_now(session)}
     for name, val in (
         ("step", step),
         ("total_steps", total_steps),
@@ -321,7 +333,7 @@ def add_checkpoint(
     Returns None when refused.
     """
     if worker_id is not None and not _guarded(
-        session, job_id, [RUNNING], {"heartbeat_at": utcnow()}, worker_id
+        session, job_id, [RUNNING], {"heartbeat_at": db_now(session)}, worker_id
     ):
         session.rollback()
         return None
@@ -452,6 +464,7 @@ def release(session: Session, job_id: str, worker_id: str, message: str | None =
             "worker_id": None,
             "heartbeat_at": None,
             "attempts": Job.attempts - 1,  # claim() added one; running implies >= 1
+            "published_at": utcnow(),  # the caller publishes right after the commit
         },
         worker_id,
     )
@@ -478,8 +491,9 @@ def requeue_stale(
     max_attempts, to cancelled if a cancel was requested, else to failed with a clear
     error. The caller re-enqueues the ``queued`` ones AFTER this returns (committed).
     """
+    base = now if now is not None else db_now(session)  # ``now``: tests move the clock
     now = now or utcnow()
-    cutoff = now - timedelta(seconds=stale_after_s)
+    cutoff = base - timedelta(seconds=stale_after_s)
     rows = session.execute(
         select(
             Job.id, Job.worker_id, Job.attempts, Job.queue, Job.cancel_requested, Job.heartbeat_at
@@ -498,7 +512,12 @@ def requeue_stale(
             values: dict[str, Any] = {"status": CANCELLED, "finished_at": now, "worker_id": None}
             msg, level, status = "Worker lost while cancelling; job cancelled", "info", CANCELLED
         elif attempts < max_attempts:
-            values = {"status": QUEUED, "worker_id": None, "heartbeat_at": None}
+            values = {
+                "status": QUEUED,
+                "worker_id": None,
+                "heartbeat_at": None,
+                "published_at": now,
+            }
             msg = (
                 f"Worker {worker_id} stopped responding ({since}); job requeued to resume "
                 f"from {where_ckpt} (attempt {attempts} of {max_attempts} used)"
@@ -534,6 +553,171 @@ def requeue_stale(
         else:
             session.rollback()
     return out
+
+
+def db_time(session: Session) -> datetime:
+    """The database clock's current time as a value (see ``db_now``)."""
+    if session.get_bind().dialect.name == "postgresql":
+        value = session.execute(select(func.now())).scalar_one()
+        session.rollback()
+        return cast(datetime, value)
+    return utcnow()
+
+
+def owns(session: Session, job_id: str, worker_id: str) -> bool:
+    """The fence before a write into the run directory: True while the job runs under
+    ``worker_id`` (and then its heartbeat is refreshed on the database's clock)."""
+    ok = _guarded(session, job_id, [RUNNING], {"heartbeat_at": db_now(session)}, worker_id)
+    if ok:
+        session.commit()
+    else:
+        session.rollback()
+    return ok
+
+
+def give_up_running(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    *,
+    reason: str,
+    max_attempts: int,
+) -> str | None:
+    """For the worker's watchdog: its training thread is stuck, the job leaves it.
+
+    Back to queued (its message is published by the caller) while attempts < limit,
+    else failed ``job_stalled``; a cancel-flagged job goes to cancelled. Returns the new
+    status, or None when the job was no longer this worker's.
+    """
+    row = session.execute(
+        select(Job.attempts, Job.cancel_requested).where(
+            Job.id == job_id, Job.status == RUNNING, Job.worker_id == worker_id
+        )
+    ).one_or_none()
+    if row is None:
+        session.rollback()
+        return None
+    attempts, cancel = row
+    now = utcnow()
+    if cancel:
+        values: dict[str, Any] = {"status": CANCELLED, "finished_at": now, "worker_id": None}
+        msg, level, status = f"{reason}; job cancelled as requested", "info", CANCELLED
+    elif attempts < max_attempts:
+        values = {"status": QUEUED, "worker_id": None, "heartbeat_at": None, "published_at": now}
+        msg = f"{reason}; job requeued to resume from its last checkpoint"
+        level, status = "warning", QUEUED
+    else:
+        msg = f"{reason} ({attempts} attempts, limit {max_attempts})"
+        values = {
+            "status": FAILED,
+            "finished_at": now,
+            "estimated_finish": None,
+            "worker_id": None,
+            "error_code": "job_stalled",
+            "error_message": msg,
+            "error_param": None,
+        }
+        level, status = "error", FAILED
+    if not _guarded(session, job_id, [RUNNING], values, worker_id):
+        session.rollback()
+        return None
+    add_event(session, job_id, msg, level=level, commit=False)
+    session.commit()
+    return status
+
+
+# --- the queue sweep (worker/reaper.py) ------------------------------------------------
+
+
+@dataclass
+class Unpublished:
+    """A queued job the sweep should publish again; ``token`` guards the take."""
+
+    job_id: str
+    queue: str
+    token: datetime | None  # published_at as read
+    failed_since: datetime | None
+
+
+def due_for_publish(
+    session: Session, queues: Iterable[str], after_s: float, *, now: datetime | None = None
+) -> list[Unpublished]:
+    """Queued jobs whose message may be gone: last published (or created) longer ago than
+    ``after_s`` AND than half the time they have been waiting, so a job legitimately
+    waiting behind a long queue gets a duplicate message only every so often (duplicates
+    are harmless: the claim lets one delivery run), and a publish that failed is retried
+    on every pass."""
+    now = now or db_time(session)
+    rows = session.execute(
+        select(Job.id, Job.queue, Job.created_at, Job.published_at, Job.publish_failed_since)
+        .where(Job.status == QUEUED, Job.queue.in_(list(queues)))
+        .order_by(Job.pk)
+    ).all()
+    session.rollback()
+    out: list[Unpublished] = []
+    for job_id, queue, created, published, failed_since in rows:
+        last = published or created
+        waited = (now - created).total_seconds()
+        since = (now - last).total_seconds()
+        if after_s <= 0 or failed_since is not None or since >= max(after_s, waited / 2):
+            out.append(Unpublished(job_id, queue, published, failed_since))
+    return out
+
+
+def take_publish(session: Session, job: Unpublished, *, now: datetime | None = None) -> bool:
+    """Claim the right to re-publish ``job`` (one sweeper wins when several race)."""
+    now = now or db_time(session)
+    token = Job.published_at.is_(None) if job.token is None else Job.published_at == job.token
+    ok = _guarded(session, job.job_id, [QUEUED], {"published_at": now}, where=[token])
+    if ok:
+        session.commit()
+    else:
+        session.rollback()
+    return ok
+
+
+def note_published(session: Session, job_id: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.publish_failed_since.is_not(None))
+        .values(publish_failed_since=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+
+
+def note_publish_failed(
+    session: Session,
+    job_id: str,
+    error: str,
+    give_up_s: float,
+    *,
+    now: datetime | None = None,
+) -> str:
+    """A publish failed: remember since when (the job stays due for the next pass), and
+    fail the job with ``queue_unavailable`` once it has failed for ``give_up_s``.
+    Returns the job's status afterwards."""
+    now = now or db_time(session)
+    row = session.execute(
+        select(Job.status, Job.publish_failed_since).where(Job.id == job_id)
+    ).one_or_none()
+    if row is None or row[0] != QUEUED:
+        session.rollback()
+        return row[0] if row is not None else FAILED
+    since = row[1] or now
+    if (now - since).total_seconds() >= give_up_s:
+        minutes = max(1, round(give_up_s / 60))
+        ok = finish_failed(
+            session,
+            job_id,
+            "queue_unavailable",
+            f"the job could not be handed to the job queue for {minutes} minute(s) "
+            f"({error}); nothing ran. Create the job again once the service is healthy",
+        )
+        return FAILED if ok else QUEUED
+    _guarded(session, job_id, [QUEUED], {"publish_failed_since": since, "published_at": None})
+    session.commit()
+    return QUEUED
 
 
 @lru_cache(maxsize=1)

@@ -47,13 +47,23 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(30, ge=0)
     db_pool_timeout_s: float = Field(10.0, gt=0)
     db_echo: bool = False
-    # A liveness ping on every pool checkout costs one extra round trip per request; turn
-    # it on where the database restarts under a running API (connections are recycled anyway).
-    db_pool_pre_ping: bool = False
+    # A liveness ping on every pool checkout: one extra round trip per request, and no 500s
+    # from stale pooled connections after a database restart (on by default).
+    db_pool_pre_ping: bool = True
     # Successful API-key lookups are cached this long (revocation takes effect after it).
     auth_cache_seconds: float = Field(5.0, ge=0)
     # Threads for sync route handlers; polling clients each hold one while they wait.
     api_threads: int = Field(100, ge=1)
+    # Faults (issue 13). The workers' queue sweep re-publishes a queued job whose message
+    # may be lost after this long (and after half its wait), and fails a job whose publish
+    # has failed for queue_give_up_s.
+    queue_republish_after_s: float = Field(120.0, gt=0)
+    queue_give_up_s: float = Field(3600.0, gt=0)
+    # The worker's watchdog: a job whose training thread made no progress this long is
+    # taken from it (requeued, or failed job_stalled at the attempt limit) and the worker
+    # process restarts; a cancel or time limit the thread ignores for stop_grace_s, too.
+    progress_timeout_s: float = Field(900.0, gt=0)
+    stop_grace_s: float = Field(60.0, gt=0)
 
     @property
     def data_path(self) -> Path:

@@ -92,3 +92,12 @@ class CallbackList:
 
     def on_checkpoint(self, record: CheckpointRecord) -> bool:
         return self._fan("on_checkpoint", record)
+
+    def before_write(self, what: str) -> None:
+        """Called just before the loop writes into the run directory (``"checkpoint"``,
+        ``"final"``). Optional on a callback: one may raise to forbid the write (the
+        service's ownership fence: a worker that lost its job writes nothing)."""
+        for cb in self.callbacks:
+            hook = getattr(cb, "before_write", None)
+            if hook is not None:
+                hook(what)

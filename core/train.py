@@ -229,6 +229,7 @@ class _Loop:
 
     def save_checkpoint(self, reason: str) -> Path:
         p, sch = self.p, self.sch
+        self.cb.before_write("checkpoint")
         d = ckpt.save_checkpoint(
             self.rd.step_dir(p.step),
             model=self.model,
@@ -586,4 +587,5 @@ def train(
             measured_sparsity=progress.last_measured, final_dir=None, run_dir=str(rd.root),
             trained_tokens=progress.tokens, target_reached=progress.best_step is not None,
         )  # fmt: skip
+    cb.before_write("final")
     return _finish(rd, config, data, setup, tokens, sch, progress, status)

@@ -49,6 +49,10 @@ class JobLost(Exception):
     """This worker no longer owns the job: stop at once, write nothing (see module doc)."""
 
 
+class StopRequested(Exception):
+    """Raised at a task stage boundary when the job must stop (``args[0]``: the reason)."""
+
+
 def _finite(x: float | None) -> float | None:
     if x is None:
         return None
@@ -70,6 +74,7 @@ class JobCallback:
         deadline: float | None = None,
         shutdown: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
+        lost_after_s: float = 300.0,
     ):
         self.session_factory = session_factory
         self.job_id = job_id
@@ -88,10 +93,24 @@ class JobCallback:
         self._steps_seen = 0
         self._last_flush = clock()
         self._lock = threading.Lock()
+        # Liveness: when the job's own thread last made progress (a step, an evaluation,
+        # a checkpoint, a packaging phase, a stage boundary); the watchdog reads it.
+        self.progress_at = clock()
+        # When the database last confirmed this worker owns the job.
+        self.owned_at = clock()
+        self.stop_seen_at: float | None = None  # when stop_reason was first set
+        # Longest the run directory may be written without confirming ownership (the
+        # reaper's heartbeat timeout: past it, another worker may hold the job).
+        self.lost_after_s = lost_after_s
 
     # --- engine protocol -------------------------------------------------------------
 
+    def alive(self) -> None:
+        """The job's thread made progress (called by the engine callbacks and the task)."""
+        self.progress_at = self.clock()
+
     def on_step(self, record: StepRecord) -> bool | None:
+        self.alive()
         with self._lock:
             self.last_step = record
             if record.measured_sparsity is not None:
@@ -122,6 +141,7 @@ class JobCallback:
         return self._go_on()
 
     def on_eval(self, record: EvalRecord) -> bool | None:
+        self.alive()
         with self._lock:
             self._measured = _finite(record.measured_sparsity)
             metrics = {k: _finite(v) for k, v in record.metrics.items()}
@@ -161,6 +181,7 @@ class JobCallback:
         return self._go_on()
 
     def on_checkpoint(self, record: CheckpointRecord) -> bool | None:
+        self.alive()
         self.flush()
         metrics = {k: _finite(v) for k, v in (record.metrics or {}).items()}
         if record.measured_sparsity is not None:
@@ -177,6 +198,49 @@ class JobCallback:
                 "job %s: could not record checkpoint at step %s", self.job_id, record.step
             )
         return self._go_on()
+
+    def before_write(self, what: str) -> None:
+        """The fence before every write into the run directory or the artifact (the
+        engine calls it before a checkpoint and final/, the task before packaging).
+
+        The database must confirm that this worker still owns the job. While it cannot
+        be reached the worker PAUSES here (it writes nothing it may not own) and resumes
+        when it answers; past ``lost_after_s`` without a confirmation the job may be
+        another worker's, so this raises ``JobLost``. A refusal raises ``JobLost`` at once.
+        """
+        delay = 0.2
+        while True:
+            if self.stop_reason == "lost":
+                self._go_on()
+            self.alive()  # waiting on the database is not a hung thread
+            try:
+                with session_scope(self.session_factory) as s:
+                    ok = jobstate.owns(s, self.job_id, self.worker_id)
+            except Exception as exc:
+                waited = self.clock() - self.owned_at
+                if waited > self.lost_after_s:
+                    self._set_stop("lost")
+                    raise JobLost(
+                        f"job {self.job_id}: ownership not confirmed for {waited:.0f}s "
+                        f"(database unreachable: {type(exc).__name__}); not writing {what}"
+                    ) from exc
+                log.warning(
+                    "job %s: database unreachable before writing %s; pausing", self.job_id, what
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if not ok:
+                self._set_stop("lost")
+                self._go_on()
+            self.owned_at = self.clock()
+            return
+
+    def _set_stop(self, reason: str) -> None:
+        if reason == "lost" or self.stop_reason is None:
+            self.stop_reason = reason
+        if self.stop_seen_at is None:
+            self.stop_seen_at = self.clock()
 
     # --- writing -----------------------------------------------------------------------
 
@@ -249,9 +313,11 @@ class JobCallback:
             self._last_flush = self.clock()
             self.flushes += 1
             if not ack.owned:
-                self.stop_reason = "lost"  # overrides cancel/shutdown: nothing is ours to write
-            elif ack.cancel_requested and self.stop_reason is None:
-                self.stop_reason = "cancelled"
+                self._set_stop("lost")  # overrides cancel/shutdown: nothing is ours to write
+            else:
+                self.owned_at = self._last_flush
+                if ack.cancel_requested and self.stop_reason is None:
+                    self._set_stop("cancelled")
             return True
         finally:
             self._lock.release()
@@ -260,6 +326,17 @@ class JobCallback:
         """Heartbeat from the side thread: a flush that never waits on the training thread."""
         self.flush(blocking=False)
 
+    def check_stop(self, *, shutdown: bool = True) -> None:
+        """At a stage boundary of the task (before training, between packaging phases):
+        raise ``StopRequested`` when the job should stop (cancel, time limit, and with
+        ``shutdown`` a worker shutdown), ``JobLost`` when it is no longer ours."""
+        self.alive()
+        if not shutdown and self.stop_reason is None:
+            if self.deadline is None or self.clock() <= self.deadline:
+                return
+        if self._go_on() is False:
+            raise StopRequested(str(self.stop_reason))
+
     # --- stopping ----------------------------------------------------------------------
 
     def _go_on(self) -> bool | None:
@@ -267,32 +344,131 @@ class JobCallback:
             raise JobLost(f"job {self.job_id} no longer belongs to worker {self.worker_id}")
         if self.stop_reason is None:
             if self.shutdown is not None and self.shutdown.is_set():
-                self.stop_reason = "shutdown"
+                self._set_stop("shutdown")
             elif self.deadline is not None and self.clock() > self.deadline:
-                self.stop_reason = "timeout"
+                self._set_stop("timeout")
         return False if self.stop_reason is not None else None
 
 
-class HeartbeatThread(threading.Thread):
-    """Keeps the heartbeat fresh while a step, an evaluation or pruning runs long.
+# What the watchdog does with a job whose thread will not stop: record why, hand the job
+# on, then ``on_hung(reason)`` (the Celery task's: end the worker process, whose
+# supervisor starts a fresh one; a Python thread cannot be killed any other way).
+HungHandler = Callable[[str], None]
 
-    It dies with the process, so a SIGKILLed worker stops beating and the reaper
-    notices; a worker that is merely slow keeps its job.
+
+class Watchdog(threading.Thread):
+    """The job's side thread: the heartbeat, and the limits the job's thread cannot dodge.
+
+    - Heartbeat: a flush every ``interval_s``, but only while the job's thread is making
+      progress (``JobCallback.progress_at`` younger than ``progress_timeout_s``): a hung
+      thread's heartbeat goes stale, so the reaper (on the database's clock) takes the job
+      even if this process is wedged too.
+    - Stalled past ``progress_timeout_s``: the job leaves this worker (requeued, or failed
+      ``job_stalled`` at the attempt limit; ``jobstate.give_up_running``), then ``on_hung``.
+    - A cancel, a time limit or a lost job that the thread has not honoured within
+      ``stop_grace_s`` (it is stuck in data loading, tokenization, a long step, ...): the
+      job is finished as cancelled / failed ``job_timeout`` (a lost one is left alone),
+      then ``on_hung``.
+
+    It dies with the process, so a SIGKILLed worker stops beating and the reaper notices.
     """
 
-    def __init__(self, callback: JobCallback, interval_s: float):
-        super().__init__(name=f"heartbeat-{callback.job_id}", daemon=True)
+    def __init__(
+        self,
+        callback: JobCallback,
+        interval_s: float,
+        *,
+        progress_timeout_s: float = float("inf"),
+        stop_grace_s: float = float("inf"),
+        max_attempts: int = 3,
+        on_hung: HungHandler | None = None,
+        republish: Callable[[str], None] | None = None,
+    ):
+        super().__init__(name=f"watchdog-{callback.job_id}", daemon=True)
         self.callback = callback
         self.interval_s = interval_s
+        self.progress_timeout_s = progress_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.max_attempts = max_attempts
+        self.on_hung = on_hung
+        self.republish = republish
+        self.fired: str | None = None  # the reason, once it acted
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
             try:
-                self.callback.beat()
+                if self.check():
+                    return
             except Exception:  # never let the side thread die silently mid-job
-                log.exception("heartbeat for job %s failed", self.callback.job_id)
+                log.exception("watchdog for job %s failed", self.callback.job_id)
+
+    def check(self) -> bool:
+        """One round; True once it has acted (the thread then ends)."""
+        cb = self.callback
+        now = cb.clock()
+        stalled = now - cb.progress_at
+        if stalled > self.progress_timeout_s:
+            return self._act(
+                "stalled",
+                f"The training thread made no progress for {stalled:.0f}s "
+                f"(limit FINEGATES_PROGRESS_TIMEOUT_S={self.progress_timeout_s:.0f}s)",
+            )
+        cb.beat()
+        if cb.stop_reason is None and cb.deadline is not None and now > cb.deadline:
+            cb._set_stop("timeout")
+        if cb.stop_reason is not None and cb.stop_seen_at is not None:
+            if now - cb.stop_seen_at > self.stop_grace_s:
+                return self._act(
+                    cb.stop_reason,
+                    f"The job's thread did not stop within {self.stop_grace_s:.0f}s of "
+                    f"'{cb.stop_reason}'",
+                )
+        return False
+
+    def _act(self, reason: str, message: str) -> bool:
+        cb = self.callback
+        self.fired = reason
+        log.error("job %s: %s; taking it from this worker", cb.job_id, message)
+        status: str | None = None
+        try:
+            status = self._record(reason, message)
+        except Exception:  # database away: the stale heartbeat lets the reaper do it
+            log.exception("job %s: could not record the watchdog's decision", cb.job_id)
+        cb._set_stop("lost")  # whatever the thread does next, it must not write
+        if status == jobstate.QUEUED and self.republish is not None:
+            try:
+                self.republish(cb.job_id)
+            except Exception:
+                log.exception("job %s: re-publish failed; the queue sweep retries", cb.job_id)
+        if self.on_hung is not None:
+            self.on_hung(reason)
+        return True
+
+    def _record(self, reason: str, message: str) -> str | None:
+        cb = self.callback
+        with session_scope(cb.session_factory) as s:
+            if reason in ("stalled", "shutdown"):
+                return jobstate.give_up_running(
+                    s, cb.job_id, cb.worker_id, reason=message, max_attempts=self.max_attempts
+                )
+            if reason == "cancelled":
+                jobstate.finish_cancelled(s, cb.job_id, cb.worker_id, f"{message}; job cancelled")
+                return jobstate.CANCELLED
+            if reason == "timeout":
+                jobstate.finish_failed(
+                    s,
+                    cb.job_id,
+                    "job_timeout",
+                    "the job ran longer than the service's maximum job time "
+                    "(FINEGATES_MAX_JOB_SECONDS) and did not stop when asked",
+                    None,
+                    worker_id=cb.worker_id,
+                )
+                return jobstate.FAILED
+        return None  # lost: the row is not ours to touch
 
     def stop(self) -> None:
         self._stop_event.set()
-        self.join(timeout=10)
+        if self is not threading.current_thread():
+            self.join(timeout=10)

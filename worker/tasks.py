@@ -12,11 +12,14 @@ training callback reads, never ``revoke(terminate=True)``.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import gc
 import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 import sys
 import threading
@@ -37,7 +40,7 @@ from api.db.models import File, Job, utcnow
 from api.db.session import make_sessionmaker, session_scope
 from api.queue import TASK_RUN_JOB, Publish, publish
 from api.storage import LocalStorage
-from worker.callback import HeartbeatThread, JobCallback, JobLost
+from worker.callback import JobCallback, JobLost, StopRequested, Watchdog
 
 if TYPE_CHECKING:
     from api.settings import Settings
@@ -74,6 +77,50 @@ def session_factory_for(settings: Settings) -> sessionmaker[Session]:
 def heartbeat_interval(settings: Settings) -> float:
     """Beat several times per timeout, but no more than every 30 s nor less than 0.5 s."""
     return max(0.5, min(30.0, float(settings.heartbeat_timeout_s) / 5.0))
+
+
+# A worker whose job thread is hung ends its process with this code (its supervisor, the
+# container's restart policy or `finegates serve`, starts a fresh one).
+EXIT_HUNG = 75
+
+
+class RunDirLock:
+    """An exclusive lock on a job's run directory, held for a whole delivery.
+
+    The fence that does not rely on timing: the database says who owns the job, this
+    says who may write its files. A worker that claims a job a stale (but still living)
+    worker held waits here until that one has noticed it lost the job and let go, or its
+    process has died (the kernel drops the lock). ``flock`` on a file beside the run
+    directory: local disks and shared volumes on one host; on NFS it needs lock support.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir.with_name(run_dir.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self, wait_s: float, *, touch: Any = None) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    return False
+                if touch is not None:
+                    touch()
+                time.sleep(0.2)
+                continue
+            self._fd = fd
+            return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -130,16 +177,32 @@ def _package(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str, An
     def record(event: PackageEvent) -> None:
         cb.add_event(event.message, level=event.level, data=event.data)
         if event.level != "error":
+            cb.alive()
             cb.beat()
+            # between phases: a cancel or the time limit stops packaging (the staging
+            # folder is removed), and a job that left this worker publishes nothing
+            cb.check_stop()
+            cb.before_write("artifact")
 
     try:
         result = build_artifact(run_dir, artifact_dir, on_event=record)
     except PruningError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise cause from None  # disk full: the task says so (no server paths)
         raise PruningError(
             f"{exc.message}; training finished and its result is kept, so retrying the job "
             "only prunes again"
         ) from exc
     return {"pruned": True, "formats": ["tar", *result.formats], **result.summary()}
+
+
+def _remove_stale_staging(artifact_dir: Path) -> None:
+    """Staging folders a killed delivery left beside the artifact (hidden, never served).
+    Safe: this delivery holds the job's run-directory lock, so no other writer of this
+    job's artifact is alive."""
+    for p in artifact_dir.parent.glob(f".{artifact_dir.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _free_memory() -> None:
@@ -157,8 +220,13 @@ def execute_job(
     worker_id: str | None = None,
     shutdown: threading.Event | None = None,
     enqueue: Publish | None = None,
+    on_hung: Any = None,
 ) -> JobOutcome:
-    """Run one delivery of ``job_id`` to its end (or to a clean stop)."""
+    """Run one delivery of ``job_id`` to its end (or to a clean stop).
+
+    ``on_hung(reason)``: what the watchdog calls after taking the job from a hung thread
+    (the Celery task ends the process; None leaves the thread to finish on its own, its
+    writes fenced off)."""
     if settings is None:
         from api.settings import get_settings
 
@@ -182,7 +250,6 @@ def execute_job(
         job = s.execute(select(Job).where(Job.id == job_id)).scalar_one()
         s.expunge(job)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     # The time limit counts from the FIRST start: a requeued delivery must not get a
     # fresh max_job_seconds.
     used = (utcnow() - job.started_at).total_seconds() if job.started_at is not None else 0.0
@@ -192,13 +259,44 @@ def execute_job(
         me,
         deadline=time.monotonic() + float(settings.max_job_seconds) - max(0.0, used),
         shutdown=shutdown,
+        lost_after_s=float(settings.heartbeat_timeout_s),
     )
-    beat = HeartbeatThread(cb, heartbeat_interval(settings))
-    beat.start()
+    queue = job.queue
+    send = enqueue or (lambda jid, q: publish(jid, q, settings=settings))
+    watchdog = Watchdog(
+        cb,
+        heartbeat_interval(settings),
+        progress_timeout_s=float(settings.progress_timeout_s),
+        stop_grace_s=float(settings.stop_grace_s),
+        max_attempts=int(settings.job_max_attempts),
+        on_hung=on_hung,
+        republish=lambda jid: send(jid, queue),
+    )
+    watchdog.start()
+    lock = RunDirLock(run_dir)
     try:
+        # long enough for a stale holder to notice it lost the job, or for its watchdog
+        # to end its process
+        wait = (
+            max(settings.progress_timeout_s, settings.heartbeat_timeout_s) + settings.stop_grace_s
+        )
+        if not lock.acquire(float(wait), touch=cb.alive):
+            with session_scope(factory) as s:
+                status = jobstate.give_up_running(
+                    s,
+                    job_id,
+                    me,
+                    reason="The run directory stayed locked by another worker process",
+                    max_attempts=int(settings.job_max_attempts),
+                )
+            if status == jobstate.QUEUED:
+                send(job_id, queue)
+            return JobOutcome("requeued", "run directory locked")
+        run_dir.mkdir(parents=True, exist_ok=True)
         return _run_claimed(job, run_dir, settings, factory, storage, cb, me, enqueue)
     finally:
-        beat.stop()
+        watchdog.stop()
+        lock.release()
         _free_memory()
 
 
@@ -215,6 +313,7 @@ def _run_claimed(
     from core.errors import FineGatesError
 
     job_id = job.id
+    stage = "training (writing a checkpoint or the trained state)"
     try:
         from core.config import JobConfig
         from core.train import train
@@ -234,6 +333,9 @@ def _run_claimed(
             allow_hub=settings.allow_hub,
             allow_paths=False,  # a tenant's model id never names a server folder
         )
+        # a cancel seen while the job waited for its run directory (a shutdown instead
+        # stops at the first step, so the next worker finds a checkpoint)
+        cb.check_stop(shutdown=False)
         result = train(config, run_dir, cb, resume=True)
         cb.flush()
         if cb.stop_reason is not None:
@@ -246,6 +348,10 @@ def _run_claimed(
             f"sparsity {sparsity:.3f}"
         )
         artifact_rel = Path("artifacts") / job_id
+        cb.check_stop()
+        cb.before_write("artifact")
+        stage = "writing the model artifact"
+        _remove_stale_staging(settings.data_path / artifact_rel)
         summary = _package(run_dir, settings.data_path / artifact_rel, cb)
         summary.setdefault("measured_sparsity", sparsity)
         target = (job.hyperparameters or {}).get("target_sparsity")
@@ -272,6 +378,9 @@ def _run_claimed(
         if not ok:
             return JobOutcome("lost", "the job left this worker before it could finish")
         return JobOutcome("succeeded", ft_id, {"summary": summary, "steps": result.steps})
+    except StopRequested:
+        cb.flush()
+        return _stopped(job_id, cb, factory, me, enqueue, settings)
     except JobLost:
         # Reaped (and maybe claimed by another worker): no flush, no event, no status
         # change, no checkpoint; the row and the run directory are the new owner's.
@@ -285,17 +394,41 @@ def _run_claimed(
                 s, job_id, info["code"], info["message"], info.get("param"), worker_id=me
             )
         return JobOutcome("failed", info["code"], info)
-    except Exception as exc:
-        log.exception("job %s failed with an internal error", job_id)
-        tb = traceback.format_exc()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal_error(job_id, exc, cb, factory, me)
+        # A real disk-full: every writer (checkpoint, final/, artifact) writes into a
+        # temporary name first, so nothing half-written is left under a real name.
+        log.error("job %s: disk full while %s: %s", job_id, stage, exc)
         cb.flush()
-        message = f"internal error: {type(exc).__name__}: {exc}"[:500]
         with session_scope(factory) as s:
-            jobstate.add_event(
-                s, job_id, "Internal error traceback", level="error", data={"traceback": tb[-8000:]}
+            jobstate.finish_failed(
+                s,
+                job_id,
+                "disk_full",
+                f"the server ran out of disk space ({os.strerror(exc.errno)}) while {stage}; "
+                "nothing half-written was kept. Retry the job once space is freed",
+                None,
+                worker_id=me,
             )
-            jobstate.finish_failed(s, job_id, "internal_error", message, None, worker_id=me)
-        return JobOutcome("failed", "internal_error", {"message": message})
+        return JobOutcome("failed", "disk_full")
+    except Exception as exc:
+        return _internal_error(job_id, exc, cb, factory, me)
+
+
+def _internal_error(
+    job_id: str, exc: BaseException, cb: JobCallback, factory: sessionmaker[Session], me: str
+) -> JobOutcome:
+    log.exception("job %s failed with an internal error", job_id)
+    tb = traceback.format_exc()
+    cb.flush()
+    message = f"internal error: {type(exc).__name__}: {exc}"[:500]
+    with session_scope(factory) as s:
+        jobstate.add_event(
+            s, job_id, "Internal error traceback", level="error", data={"traceback": tb[-8000:]}
+        )
+        jobstate.finish_failed(s, job_id, "internal_error", message, None, worker_id=me)
+    return JobOutcome("failed", "internal_error", {"message": message})
 
 
 def _stopped(
@@ -341,13 +474,21 @@ def _stopped(
     return JobOutcome("lost", "the job left this worker during shutdown")
 
 
+def _exit_hung(reason: str) -> None:
+    """The watchdog took the job from a thread that will not stop: end this worker process
+    (its supervisor starts a fresh one; the job, already requeued or finished, is safe)."""
+    log.critical("job thread hung (%s); the worker process exits with %d", reason, EXIT_HUNG)
+    logging.shutdown()
+    os._exit(EXIT_HUNG)
+
+
 @shared_task(name=TASK_RUN_JOB, acks_late=True, ignore_result=True)
 def run_job(job_id: str) -> str:
     if SHUTDOWN.is_set():
         # This worker is stopping (it may just have released this very job): put the
         # message back untouched for the next worker instead of claiming it again.
         raise Reject("worker shutting down", requeue=True)
-    outcome = execute_job(job_id)
+    outcome = execute_job(job_id, on_hung=_exit_hung)
     log.info("job %s: %s %s", job_id, outcome.status, outcome.detail)
     return outcome.status
 

@@ -162,6 +162,10 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     run_dir: Mapped[str | None] = mapped_column(String(1024))
+    # The queue sweep (worker/reaper.py): when the job's message last reached the broker,
+    # and since when publishing it has failed without a success (migration 0003).
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    publish_failed_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class JobEvent(Base):

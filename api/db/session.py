@@ -46,6 +46,9 @@ def make_engine(settings: Settings) -> Engine:
         pool_pre_ping=settings.db_pool_pre_ping,
         pool_recycle=1800,
     )
+    if url.get_backend_name() == "postgresql":
+        # An unreachable (not refusing) server must fail a request, not hang it.
+        kwargs["connect_args"] = {"connect_timeout": 5}
     return create_engine(url, **kwargs)
 
 

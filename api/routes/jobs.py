@@ -14,7 +14,8 @@ import logging
 from datetime import datetime
 from typing import Annotated, Any, Literal, cast
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -30,7 +31,7 @@ from api.deps import (
     base_models,
     load_owned_file,
 )
-from api.errors import APIError
+from api.errors import APIError, not_found
 from api.schemas import (
     CheckpointObject,
     CountedPage,
@@ -359,10 +360,43 @@ def list_jobs(
     return {**page, "count": pagination.count(session, select(Job.pk).where(*where))}
 
 
-@router.get("/fine_tuning/jobs/{job_id}", response_model=JobObject)
-async def get_job(job: OwnedJob) -> JobObject:
-    # No I/O here: OwnedJob loaded the row and its queue position in one statement.
-    return job_object(job, job._queue_position)  # type: ignore[attr-defined]
+def _job_status_body(sessionmaker: Any, tenant_id: str, job_id: str) -> bytes | None:
+    """The polling read, in ONE thread hop: the row and its queue position in one
+    statement, the session closed, the JSON serialized once (not validated again as a
+    response model)."""
+    with sessionmaker() as session:
+        row = session.execute(
+            select(Job, jobstate.queue_position_expr()).where(
+                Job.id == job_id, Job.tenant_id == tenant_id
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        job, position = row
+        return job_object(job, position).model_dump_json().encode()
+
+
+@router.get(
+    "/fine_tuning/jobs/{job_id}",
+    response_model=JobObject,
+    responses={304: {"description": "Not modified (the If-None-Match ETag still matches)"}},
+)
+async def get_job(
+    job_id: Annotated[str, Path(max_length=64)], principal: PrincipalDep, request: Request
+) -> Response:
+    """THE polling route. Answers with an ``ETag``; a client sending it back in
+    ``If-None-Match`` gets ``304 Not Modified`` (no body) while nothing changed."""
+    body = await run_in_threadpool(
+        _job_status_body, request.app.state.sessionmaker, principal.tenant_id, job_id
+    )
+    if body is None:
+        raise not_found("job", job_id)
+    etag = f'"{hashlib.blake2b(body, digest_size=12).hexdigest()}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    inm = request.headers.get("if-none-match")
+    if inm is not None and etag in {t.strip().removeprefix("W/") for t in inm.split(",")}:
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=JobObject)

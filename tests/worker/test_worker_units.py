@@ -214,7 +214,7 @@ def test_reaper_requeues_then_fails_after_the_retry_limit(sessions, settings) ->
     queued = make_job(sessions, settings)
     make_job(sessions, settings, status="succeeded")
     rec2 = Recorder()
-    assert republish_queued(sessions, ["cpu", "gpu"], rec2) == [queued]
+    assert republish_queued(settings, sessions, ["cpu", "gpu"], rec2) == [queued]
     assert rec2.calls == [(queued, "cpu")]
 
 
