@@ -74,6 +74,11 @@ def create_app(
     hooks: list[Callable[[], Any]] = []
     app.state.shutdown_hooks = hooks
     install_error_handlers(app)
+    from api.limits import InferenceSlots, RateLimiter, RequestGuard
+
+    app.state.rate_limiter = RateLimiter(settings)
+    app.state.inference_slots = InferenceSlots()
+    app.add_middleware(RequestGuard, settings=settings)
 
     from api.routes import files, inference, jobs, models
 

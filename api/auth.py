@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -67,6 +68,8 @@ def create_api_key(session: Session, tenant_name: str, key_name: str | None = No
 class Principal:
     tenant_id: str
     key_id: str
+    # api.limits.TenantLimits, resolved with the key (and cached with it); None in tools
+    limits: Any = None
 
 
 def authenticate(session: Session, plaintext: str) -> Principal | None:

@@ -53,12 +53,19 @@ StorageDep = Annotated[LocalStorage, Depends(get_storage)]
 SessionDep = Annotated[Session, Depends(get_db)]
 
 
-def _authenticate_short(sessionmaker: Any, token: str) -> Principal | None:
+def _authenticate_short(sessionmaker: Any, token: str, settings: Any = None) -> Principal | None:
     # Its own short session: the request's session would keep the pooled connection
     # checked out until the response ends, so N slow requests (a classify call waiting in
     # the micro-batcher, an SSE stream) would pin N connections and starve the pool.
     with sessionmaker() as session:
-        return authenticate(session, token)
+        principal = authenticate(session, token)
+        if principal is None or settings is None:
+            return principal
+        from dataclasses import replace
+
+        from api.limits import limits_for
+
+        return replace(principal, limits=limits_for(session, settings, principal.tenant_id))
 
 
 async def get_principal(request: Request) -> Principal:
@@ -77,7 +84,10 @@ async def get_principal(request: Request) -> Principal:
     principal = cache.get(digest)
     if principal is None:
         principal = await run_in_threadpool(
-            _authenticate_short, request.app.state.sessionmaker, token
+            _authenticate_short,
+            request.app.state.sessionmaker,
+            token,
+            getattr(request.app.state, "settings", None),
         )
         if principal is None:
             raise APIError(
@@ -87,6 +97,10 @@ async def get_principal(request: Request) -> Principal:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         cache.put(digest, principal)
+    if principal.limits is not None:
+        from api.limits import enforce_rate_limit
+
+        await enforce_rate_limit(request, principal.tenant_id, principal.limits)
     return principal
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.redact import internal_error_message, reference_id, scrub
 from core.errors import ConfigError, DataError, FineGatesError, ModelNotFoundError
 
 log = logging.getLogger("finegates.api")
@@ -33,6 +34,8 @@ _DEFAULT_CODES = {
     413: "file_too_large",
     415: "unsupported_media_type",
     429: "rate_limit_exceeded",
+    431: "request_header_fields_too_large",
+    500: "server_error",
     503: "service_unavailable",
 }
 
@@ -59,7 +62,10 @@ def error_body(
         "message": message,
         "type": error_type(status),
         "param": param,
-        "code": code or _DEFAULT_CODES.get(status),
+        # every error has a code (OpenAI SDK users branch on it)
+        "code": code
+        or _DEFAULT_CODES.get(status)
+        or ("server_error" if status >= 500 else "invalid_request"),
     }
     err.update({k: v for k, v in extra.items() if v is not None})
     return {"error": err}
@@ -100,16 +106,23 @@ def not_found(kind: str, obj_id: str, param: str | None = None) -> APIError:
 
 
 def from_engine_error(exc: FineGatesError, param_prefix: str = "") -> APIError:
-    """Map a core error to a 4xx (user errors) or 500 (internal faults)."""
+    """Map a core error to a 4xx (user errors) or 500 (internal faults).
+
+    Engine messages may name server paths (written for the command line): tenants get
+    them scrubbed (api.redact); an internal fault gets a reference id, its text goes to
+    the log only."""
+    message = scrub(exc.message)
     if isinstance(exc, ConfigError):
-        return APIError(400, exc.message, param=exc.field, code=exc.code)
+        return APIError(400, message, param=exc.field, code=exc.code)
     if isinstance(exc, DataError):
-        return APIError(400, exc.message, param=exc.field, code=exc.code, line=exc.line)
+        return APIError(400, message, param=exc.field, code=exc.code, line=exc.line)
     if isinstance(exc, ModelNotFoundError):
-        return APIError(404, exc.message, param=param_prefix or "model", code=exc.code)
+        return APIError(404, message, param=param_prefix or "model", code=exc.code)
     if exc.user_error:
-        return APIError(400, exc.message, param=param_prefix or None, code=exc.code)
-    return APIError(500, exc.message, code=exc.code)
+        return APIError(400, message, param=param_prefix or None, code=exc.code)
+    ref = reference_id()
+    log.error("internal engine error %s: %s", ref, exc.message)
+    return APIError(500, internal_error_message(ref), code=exc.code)
 
 
 _SOURCES = ("body", "query", "path", "header", "cookie", "form")
@@ -204,8 +217,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unhandled(_req: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
+        ref = reference_id()
+        log.error("unhandled error %s", ref, exc_info=exc)
         return JSONResponse(
-            error_body(500, "The server had an error while processing your request."),
+            error_body(500, internal_error_message(ref), code="server_error"),
             status_code=500,
         )

@@ -244,7 +244,12 @@ def claim(session: Session, job_id: str, worker_id: str, *, run_dir: str | None 
     attempts = session.execute(select(Job.attempts).where(Job.id == job_id)).scalar_one()
     msg = "Job started" if attempts == 1 else f"Job resumed (attempt {attempts})"
     add_event(
-        session, job_id, msg, data={"worker_id": worker_id, "attempt": attempts}, commit=False
+        # no worker id in the event: it names the server's host and pid (tenants read events)
+        session,
+        job_id,
+        msg,
+        data={"attempt": attempts},
+        commit=False,
     )
     session.commit()
     return True

@@ -10,6 +10,7 @@ fields this server does not use, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -60,6 +61,16 @@ class MethodIn(_Strict):
     finegates: FineGatesMethodConfig | None = None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_SPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def has_control_characters(text: str, allow_space: bool = False) -> bool:
+    """NUL and C0/DEL controls (PostgreSQL refuses NUL in text; they break headers and logs).
+    ``allow_space``: tab, newline and carriage return are allowed (free text)."""
+    return bool((_CONTROL_BUT_SPACE if allow_space else _CONTROL).search(text))
+
+
 class JobCreate(_Strict):
     """The body of POST /v1/fine_tuning/jobs: OpenAI's, with ``method.type = "finegates"``."""
 
@@ -73,6 +84,13 @@ class JobCreate(_Strict):
     # OpenAI's deprecated top-level form; used only when `method` carries none.
     hyperparameters: dict[str, Any] | None = None
 
+    @field_validator("model", "training_file", "validation_file")
+    @classmethod
+    def _no_control_characters(cls, v: str | None) -> str | None:
+        if v is not None and has_control_characters(v):
+            raise ValueError("must not contain control characters or NUL")
+        return v
+
     @field_validator("metadata")
     @classmethod
     def _metadata_limits(cls, v: dict[str, str] | None) -> dict[str, str] | None:
@@ -81,6 +99,8 @@ class JobCreate(_Strict):
         if len(v) > 16:
             raise ValueError("at most 16 key-value pairs")
         for k, val in v.items():
+            if has_control_characters(k) or has_control_characters(val, allow_space=True):
+                raise ValueError("keys and values must not contain control characters or NUL")
             if len(k) > 64:
                 raise ValueError(f"key '{k[:20]}...' is longer than 64 characters")
             if len(val) > 512:

@@ -65,6 +65,30 @@ class Settings(BaseSettings):
     progress_timeout_s: float = Field(900.0, gt=0)
     stop_grace_s: float = Field(60.0, gt=0)
 
+    # --- limits and abuse (api/limits.py, docs/service.md "Limits") -----------------------
+    # JSON request bodies (uploads keep max_upload_bytes); larger bodies answer 413 unread.
+    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    # All request headers together; more answers 431.
+    max_header_bytes: int = Field(32 * 1024, gt=0)
+    # Requests per minute per tenant (0: no limit); shared through rate_limit_storage_url.
+    rate_limit_per_minute: int = Field(6000, ge=0)
+    # A `limits` storage URL. None: the broker when it is Redis, else in-process memory.
+    rate_limit_storage_url: str | None = None
+    max_concurrent_inference_per_tenant: int = Field(16, ge=1)
+    max_storage_bytes_per_tenant: int = Field(20 * 1024**3, gt=0)
+    max_files_per_tenant: int = Field(1000, gt=0)
+    # Threads for CPU-bound request work (tokenizing, chat templates) off the event loop.
+    cpu_threads: int = Field(4, ge=1)
+    # Hyperparameter caps that keep one job inside a worker's memory (see docs/service.md).
+    max_batch_size: int = Field(256, ge=1)
+    max_tokens_per_batch: int = Field(16384, ge=1)
+    # Run directories of finished jobs (and artifacts of cancelled ones) are deleted after
+    # this many hours by `finegates cleanup` and the worker's sweep (0: keep forever).
+    run_retention_hours: float = Field(72.0, ge=0)
+    webhook_allow_private: bool = False
+    webhook_max_attempts: int = Field(6, ge=1)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()

@@ -74,16 +74,27 @@ def _detect_format(path: Path) -> str:
     return "jsonl" if head.startswith(b"{") else "csv"
 
 
+def _raw_lines(fh: Any, path: Path, max_line_bytes: int):
+    """(line_no, bytes) of a binary file, never reading more than one line's limit: a
+    file without newlines cannot make validation hold the whole file."""
+    line_no = 0
+    while True:
+        raw = fh.readline(max_line_bytes + 3)
+        if not raw:
+            return
+        line_no += 1
+        if len(raw.rstrip(b"\r\n")) > max_line_bytes:
+            raise DataError(
+                f"line is over the {max_line_bytes}-byte limit", file=str(path), line=line_no
+            )
+        yield line_no, raw
+
+
 def _iter_jsonl(path: Path, max_line_bytes: int, max_rows: int):
     """Yield (line_no, dict); blank lines are skipped."""
     n = 0
     with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if len(raw) > max_line_bytes:
-                raise DataError(
-                    f"line is {len(raw)} bytes, over the {max_line_bytes}-byte limit",
-                    file=str(path), line=line_no,
-                )  # fmt: skip
+        for line_no, raw in _raw_lines(fh, path, max_line_bytes):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -114,26 +125,33 @@ def _iter_jsonl(path: Path, max_line_bytes: int, max_rows: int):
             yield line_no, obj
 
 
+def _csv_lines(path: Path, max_line_bytes: int):
+    """Decoded lines, read one at a time (memory does not grow with the file).
+
+    Lines keep their endings (what csv.reader wants); a lone CR also ends a line, as it
+    does for text read with newline="". Each line is length-checked and decoded on its
+    own, so an error names its physical line."""
+    with open(path, "rb") as fh:
+        for line_no, raw in _raw_lines(fh, path, max_line_bytes):
+            try:
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})", file=str(path), line=line_no
+                ) from None
+            if "\r" in text.rstrip("\r\n"):
+                yield from io.StringIO(text, newline="")
+            else:
+                yield text
+
+
 def _iter_csv(path: Path, max_line_bytes: int, max_rows: int):
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line_no = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(
-            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})", file=str(path), line=line_no
-        ) from None
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if len(line.encode("utf-8")) > max_line_bytes:
-            raise DataError(
-                f"line is over the {max_line_bytes}-byte limit", file=str(path), line=line_no
-            )
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     # csv's default field limit (128 KiB) is below the documented line limit; a long
     # but legal field must not read as "malformed CSV". (Process-wide; only ever raised.)
     if csv.field_size_limit() < max_line_bytes:
         csv.field_size_limit(max_line_bytes)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, strict=True)
+    reader = csv.reader(_csv_lines(path, max_line_bytes), delimiter=delim, strict=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -254,21 +272,22 @@ def _label_value(v: Any, fmt: str, path: Path, line: int, key: str) -> str | int
     return v
 
 
-def load_records(
-    path: Path | str,
-    task: str | None = None,
-    *,
-    text_column: str = "text",
-    text_pair_column: str = "text_pair",
-    label_column: str = "label",
-    max_line_bytes: int = MAX_LINE_BYTES,
-    max_rows: int = MAX_ROWS,
-) -> LoadedData:
-    """Read, check and normalise every record; the first problem raises DataError.
+MAX_CLASSES = 10_000
 
-    Normalised records: classification {"text", ["text_pair"], "label", "_line"}; chat
-    {"messages"}; prompt/completion {"prompt", "completion"}; text {"text"}.
-    """
+
+def _scan(
+    path: Path | str,
+    task: str | None,
+    keep: list[dict[str, Any]] | None,
+    *,
+    text_column: str,
+    text_pair_column: str,
+    label_column: str,
+    max_line_bytes: int,
+    max_rows: int,
+) -> FileReport:
+    """Read and check every record, one at a time; append the normalised ones to
+    ``keep`` (None: keep nothing, so peak memory does not grow with the file)."""
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", file=str(path))
@@ -283,11 +302,12 @@ def load_records(
     fmt = _detect_format(path)
     cols = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
     rows = (_iter_jsonl if fmt == "jsonl" else _iter_csv)(path, max_line_bytes, max_rows)
-    records: list[dict[str, Any]] = []
+    n_records = 0
     kind: str | None = None
     first_line = 0
     label_types: set[str] = set()
     first_label_line: dict[str, int] = {}
+    classes: set[str] = set()  # distinct non-float labels (bounded by MAX_CLASSES)
     columns: list[str] = []
     warnings: list[str] = []
     for line, obj in rows:
@@ -315,19 +335,18 @@ def load_records(
                 f"{first_line})",
                 file=str(path), line=line,
             )  # fmt: skip
+        rec: dict[str, Any]
         if kind == KIND_CHAT:
-            records.append({"messages": _check_messages(obj, path, line)})
+            rec = {"messages": _check_messages(obj, path, line)}
         elif kind == KIND_PC:
             prompt = obj.get("prompt")
             if not isinstance(prompt, str):
                 raise DataError("must be a string", file=str(path), line=line, field="prompt")
-            records.append(
-                {"prompt": prompt, "completion": _need_text(obj, "completion", path, line)}
-            )
+            rec = {"prompt": prompt, "completion": _need_text(obj, "completion", path, line)}
         elif kind == KIND_TEXT:
-            records.append({"text": _need_text(obj, text_column, path, line)})
+            rec = {"text": _need_text(obj, text_column, path, line)}
         else:
-            rec: dict[str, Any] = {"text": _need_text(obj, text_column, path, line)}
+            rec = {"text": _need_text(obj, text_column, path, line)}
             if kind == KIND_PAIR:
                 rec["text_pair"] = _need_text(obj, text_pair_column, path, line)
             lab = _label_value(obj.get(label_column), fmt, path, line, label_column)
@@ -341,10 +360,20 @@ def load_records(
                     f"first string on line {first_label_line['str']})",
                     file=str(path), line=line, field=label_column,
                 )  # fmt: skip
+            if "float" not in label_types:
+                classes.add(str(lab))
+                if len(classes) > MAX_CLASSES:
+                    raise DataError(
+                        f"more than {MAX_CLASSES} distinct labels; use float labels for "
+                        "regression",
+                        file=str(path), line=line, field=label_column,
+                    )  # fmt: skip
             rec["label"] = lab
             rec["_line"] = line
-            records.append(rec)
-    if not records:
+        n_records += 1
+        if keep is not None:
+            keep.append(rec)
+    if n_records == 0:
         raise DataError("file has no records", file=str(path))
     assert kind is not None
     if task is None:
@@ -354,36 +383,73 @@ def load_records(
     if kind in (KIND_LABEL, KIND_PAIR):
         if "float" in label_types:
             problem_type = "regression"
-            for r in records:
-                r["label"] = float(r["label"])
         else:
             problem_type = "single_label_classification"
-            for r in records:
-                r["label"] = str(r["label"])
-            if "int" in label_types:
-                labels = sorted({r["label"] for r in records}, key=int)
-            else:
-                labels = sorted({r["label"] for r in records})
+            labels = sorted(classes, key=int) if "int" in label_types else sorted(classes)
             if len(labels) < 2:
                 warnings.append(f"only one class ({labels[0]!r}) in this file")
-    if len(records) < 10:
-        warnings.append(f"only {len(records)} rows; results will be noisy")
-    report = FileReport(
+    if n_records < 10:
+        warnings.append(f"only {n_records} rows; results will be noisy")
+    return FileReport(
         format=fmt,
         task=task,
         kind=kind,
-        n_rows=len(records),
+        n_rows=n_records,
         columns=columns,
         labels=labels,
         problem_type=problem_type,
         warnings=warnings,
     )
+
+
+def load_records(
+    path: Path | str,
+    task: str | None = None,
+    *,
+    text_column: str = "text",
+    text_pair_column: str = "text_pair",
+    label_column: str = "label",
+    max_line_bytes: int = MAX_LINE_BYTES,
+    max_rows: int = MAX_ROWS,
+) -> LoadedData:
+    """Read, check and normalise every record; the first problem raises DataError.
+
+    Normalised records: classification {"text", ["text_pair"], "label", "_line"}; chat
+    {"messages"}; prompt/completion {"prompt", "completion"}; text {"text"}.
+    """
+    records: list[dict[str, Any]] = []
+    report = _scan(
+        path, task, records, text_column=text_column, text_pair_column=text_pair_column,
+        label_column=label_column, max_line_bytes=max_line_bytes, max_rows=max_rows,
+    )  # fmt: skip
+    if report.problem_type == "regression":
+        for r in records:
+            r["label"] = float(r["label"])
+    elif report.problem_type is not None:
+        for r in records:
+            r["label"] = str(r["label"])
     return LoadedData(report=report, records=records)
 
 
-def validate_file(path: Path | str, task: str | None = None, **kwargs: Any) -> FileReport:
-    """Check a dataset file end to end and describe it (used by the service on upload)."""
-    return load_records(path, task, **kwargs).report
+def validate_file(
+    path: Path | str,
+    task: str | None = None,
+    *,
+    text_column: str = "text",
+    text_pair_column: str = "text_pair",
+    label_column: str = "label",
+    max_line_bytes: int = MAX_LINE_BYTES,
+    max_rows: int = MAX_ROWS,
+) -> FileReport:
+    """Check a dataset file end to end and describe it (used by the service on upload).
+
+    Streaming: records are checked one at a time and not kept, so the extra memory is
+    one line plus the set of class names, whatever the file's size
+    (bench/bench_limits.py measures it)."""
+    return _scan(
+        path, task, None, text_column=text_column, text_pair_column=text_pair_column,
+        label_column=label_column, max_line_bytes=max_line_bytes, max_rows=max_rows,
+    )  # fmt: skip
 
 
 def split_validation(

@@ -201,12 +201,13 @@ def prune_run(run_dir: str | Path, *, check_batch: int = 4, **prune_kwargs: Any)
         "training_config": training_config,
         "metrics": info.get("metrics") or {},
         "compression": figures,
-        "dense_source": info.get("base_model_path"),
+        # names, never absolute paths: the manifest is served to tenants
+        "dense_source": Path(info["base_model_path"]).name if info.get("base_model_path") else None,
         "original_shape": original_shape(gated),
         "problem_type": info.get("problem_type"),
         "measured_sparsity": info.get("measured_sparsity"),
         "max_length": info.get("max_length"),
-        "source_run": str(run_dir.resolve()),
+        "source_run": run_dir.resolve().name,
     }
     return PrunedRun(pruned=pruned, tokenizer=tokenizer, fields=fields)
 

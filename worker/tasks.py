@@ -24,7 +24,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -39,6 +38,7 @@ from api import jobstate
 from api.db.models import File, Job, utcnow
 from api.db.session import make_sessionmaker, session_scope
 from api.queue import TASK_RUN_JOB, Publish, publish
+from api.redact import internal_error_message, reference_id, scrub
 from api.storage import LocalStorage
 from worker.callback import JobCallback, JobLost, StopRequested, Watchdog
 
@@ -127,12 +127,14 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def fine_tuned_model_id(base: str, suffix: str | None, job_id: str) -> str:
-    """OpenAI-style ``ft:<base>:<suffix>:<short id>`` (``ft:<base>:<short id>`` without a
-    suffix). A base given as a folder path contributes only its last part; characters
+    """OpenAI-style ``ft:<base>:<suffix>:<job id part>`` (``ft:<base>:<job id part>`` without
+    a suffix). A base given as a folder path contributes only its last part; characters
     that would break a URL path segment become ``-``."""
     base_part = Path(base).name if ("/" in base or os.sep in base) and Path(base).name else base
     base_part = _SAFE.sub("-", base_part).strip("-") or "model"
-    short = job_id.split("-", 1)[-1][-8:].lower()
+    # the job id's whole random part (24 characters, case kept): models.id is unique
+    # across tenants, so 8 characters could collide, and only once training had finished
+    short = job_id.split("-", 1)[-1]
     parts = ["ft", base_part]
     if suffix:
         s = _SAFE.sub("-", suffix).strip("-")
@@ -175,7 +177,14 @@ def _package(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str, An
     from core.package import PackageEvent, build_artifact
 
     def record(event: PackageEvent) -> None:
-        cb.add_event(event.message, level=event.level, data=event.data)
+        data = dict(event.data) if event.data else None
+        if data and "traceback" in data:
+            # tracebacks go to the server log only; the tenant sees a reference
+            ref = reference_id()
+            log.error("job %s packaging %s (%s):\n%s", cb.job_id, event.phase, ref,
+                      data.pop("traceback"))  # fmt: skip
+            data["reference"] = ref
+        cb.add_event(scrub(event.message), level=event.level, data=data or None)
         if event.level != "error":
             cb.alive()
             cb.beat()
@@ -389,6 +398,11 @@ def _run_claimed(
     except FineGatesError as exc:
         cb.flush()
         info = exc.to_dict()
+        if not exc.user_error:
+            ref = reference_id()
+            log.error("job %s failed (%s): %s", job_id, ref, exc.message, exc_info=exc)
+            info["message"] = f"{info['message']} (reference {ref})"
+        info["message"] = scrub(info["message"])  # engine messages may name server paths
         with session_scope(factory) as s:
             jobstate.finish_failed(
                 s, job_id, info["code"], info["message"], info.get("param"), worker_id=me
@@ -419,16 +433,15 @@ def _run_claimed(
 def _internal_error(
     job_id: str, exc: BaseException, cb: JobCallback, factory: sessionmaker[Session], me: str
 ) -> JobOutcome:
-    log.exception("job %s failed with an internal error", job_id)
-    tb = traceback.format_exc()
+    # The traceback and the exception text go to the server log only; the tenant gets a
+    # message written for them and the reference to find it there.
+    ref = reference_id()
+    log.error("job %s failed with an internal error (%s)", job_id, ref, exc_info=exc)
     cb.flush()
-    message = f"internal error: {type(exc).__name__}: {exc}"[:500]
+    message = internal_error_message(ref, "running the job")
     with session_scope(factory) as s:
-        jobstate.add_event(
-            s, job_id, "Internal error traceback", level="error", data={"traceback": tb[-8000:]}
-        )
         jobstate.finish_failed(s, job_id, "internal_error", message, None, worker_id=me)
-    return JobOutcome("failed", "internal_error", {"message": message})
+    return JobOutcome("failed", "internal_error", {"message": message, "reference": ref})
 
 
 def _stopped(

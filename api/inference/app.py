@@ -55,9 +55,21 @@ def create_inference_app(settings: Any = None, engine: Any = None) -> FastAPI:
     if engine is not None:
         app.state.inference = engine
     install_error_handlers(app)
+    from fastapi import APIRouter
+
+    from api.limits import InferenceSlots, RateLimiter, RequestGuard
+
+    app.state.rate_limiter = RateLimiter(settings)
+    app.state.inference_slots = InferenceSlots()
+    app.add_middleware(RequestGuard, settings=settings)
     app.include_router(inference.router, prefix="/v1")
-    # the models routes too, so openai's client.models.list() works against this process
-    app.include_router(models.router, prefix="/v1")
+    # the models routes too, so openai's client.models.list() works against this process;
+    # read-only: this app mutates nothing (DELETE /v1/models/... lives on the API only)
+    read_only = APIRouter()
+    read_only.routes.extend(
+        r for r in models.router.routes if set(getattr(r, "methods", ()) or ()) <= {"GET", "HEAD"}
+    )
+    app.include_router(read_only, prefix="/v1")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

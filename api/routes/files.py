@@ -21,7 +21,8 @@ from api.db.models import File, Job, new_id
 from api.deps import OwnedFile, PrincipalDep, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError
 from api.jobstate import ACTIVE
-from api.schemas import CountedPage, DeletedObject, FileObject
+from api.limits import check_storage, limits_for, tenant_lock
+from api.schemas import CountedPage, DeletedObject, FileObject, has_control_characters
 from api.storage import LocalStorage, StoredBlob, TooLargeError
 
 router = APIRouter(tags=["files"])
@@ -94,6 +95,14 @@ class _MultipartSink:
                 raise APIError(400, "Send exactly one 'file' part", param="file")
             self._is_file = True
             raw = opts[b"filename"].decode("utf-8", "replace")
+            if has_control_characters(raw):
+                # they break the Content-Disposition of GET /content and every log line
+                raise APIError(
+                    400,
+                    "The file name contains control characters or NUL; rename the file",
+                    param="file",
+                    code="invalid_filename",
+                )
             self.filename = FsPath(raw.replace("\\", "/")).name[:255] or "upload"
             ext = FsPath(self.filename).suffix.lower()
             self.key = self.key_base + (ext if _SAFE_EXT.match(ext) else "")
@@ -268,8 +277,12 @@ async def upload_file(
     )
 
     def _save() -> None:
-        session.add(row)
-        session.commit()
+        # quota check and insert under the tenant's lock: concurrent uploads cannot pass it
+        limits = principal.limits or limits_for(session, settings, principal.tenant_id)
+        with tenant_lock(session, principal.tenant_id):
+            check_storage(session, principal.tenant_id, limits, blob.size)
+            session.add(row)
+            session.commit()
 
     try:
         await run_in_threadpool(_save)

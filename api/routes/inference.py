@@ -24,6 +24,7 @@ from api.errors import APIError
 from api.inference.config import InferenceConfig
 from api.inference.engine import InferenceEngine, LoadedModel
 from api.inference.generation import SamplingParams, as_stop_list
+from api.limits import inference_slot, run_cpu
 from api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -104,7 +105,7 @@ def _normalize_inputs(raw: str | list[Any]) -> list[str | tuple[str, str]]:
 
 @router.post("/classify", response_model=ClassificationList)
 async def classify(
-    body: ClassifyRequest, principal: PrincipalDep, engine: EngineDep
+    body: ClassifyRequest, request: Request, principal: PrincipalDep, engine: EngineDep
 ) -> ClassificationList:
     """Label, score and every label's score for each input (micro-batched across callers)."""
     inputs = _normalize_inputs(body.input)
@@ -118,9 +119,14 @@ async def classify(
             param="input",
             code="too_many_inputs",
         )
-    model = await engine.load(principal.tenant_id, body.model)
-    engine.require_task(model, "classification", "/v1/classify")
-    results, tokens = await engine.classify(model, inputs, body.truncate)
+    slots, tenant = inference_slot(request, principal)
+    try:
+        model = await engine.load(principal.tenant_id, body.model)
+        engine.require_task(model, "classification", "/v1/classify")
+        results, tokens = await engine.classify(model, inputs, body.truncate)
+    finally:
+        if slots is not None:
+            slots.release(tenant)
     return ClassificationList(
         model=model.spec.id,
         data=[Classification(index=i, **r) for i, r in enumerate(results)],
@@ -189,9 +195,31 @@ async def completions(
         )
     if body.stream and len(prompts) > 1:
         raise APIError(400, "stream: true takes a single prompt", param="prompt")
-    model = await _load_lm(engine, principal.tenant_id, body.model, "/v1/completions")
+    slots, tenant = inference_slot(request, principal)
+    try:
+        return await _completions(
+            body, request, engine, params, prompts, principal.tenant_id, slots
+        )
+    except BaseException:
+        if slots is not None:
+            slots.release(tenant)
+        raise
+
+
+async def _completions(
+    body: CompletionRequest,
+    request: Request,
+    engine: InferenceEngine,
+    params: SamplingParams,
+    prompts: list[str],
+    tenant: str,
+    slots: Any,
+) -> Any:
+    model = await _load_lm(engine, tenant, body.model, "/v1/completions")
     backend = model.backend
-    encoded = [backend.encode_prompt(p) for p in prompts]
+    settings = getattr(request.app.state, "settings", None)
+    # tokenizing a long prompt takes seconds: never on the event loop
+    encoded = [await run_cpu(settings, backend.encode_prompt, p) for p in prompts]
     for ids in encoded:
         engine.check_generation(backend, ids, params.max_tokens, "prompt")
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -209,6 +237,7 @@ async def completions(
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
             },
             base,
+            release=(slots, tenant),
         )
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for i, ids in enumerate(encoded):
@@ -216,6 +245,8 @@ async def completions(
         choices.append(CompletionChoice(index=i, text=text, finish_reason=cast(Any, reason)))
         prompt_tokens += len(ids)
         completion_tokens += n
+    if slots is not None:
+        slots.release(tenant)
     return Completion(
         id=rid,
         created=created,
@@ -232,9 +263,28 @@ async def chat_completions(
     """One assistant message, or (``stream: true``) server-sent ``chat.completion.chunk``s."""
     params = _params(body, engine, body.max_completion_tokens or body.max_tokens)
     messages = [m.as_template_message() for m in body.messages]
-    model = await _load_lm(engine, principal.tenant_id, body.model, "/v1/chat/completions")
+    slots, tenant = inference_slot(request, principal)
+    try:
+        return await _chat(body, request, engine, params, messages, tenant, slots)
+    except BaseException:
+        if slots is not None:
+            slots.release(tenant)
+        raise
+
+
+async def _chat(
+    body: ChatCompletionRequest,
+    request: Request,
+    engine: InferenceEngine,
+    params: SamplingParams,
+    messages: list[Any],
+    tenant: str,
+    slots: Any,
+) -> Any:
+    model = await _load_lm(engine, tenant, body.model, "/v1/chat/completions")
     backend = model.backend
-    ids = backend.encode_chat(messages)
+    # rendering the chat template and tokenizing: off the event loop
+    ids = await run_cpu(getattr(request.app.state, "settings", None), backend.encode_chat, messages)
     engine.check_generation(backend, ids, params.max_tokens, "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
@@ -263,8 +313,11 @@ async def chat_completions(
             body.include_usage,
             chunk,
             {**base, "object": "chat.completion.chunk"},
+            release=(slots, tenant),
         )
     text, n, reason = await engine.generate(backend, ids, params)
+    if slots is not None:
+        slots.release(tenant)
     return ChatCompletion(
         id=rid,
         created=created,
@@ -289,7 +342,16 @@ def _stream_response(
     include_usage: bool,
     make_chunk: Any,
     usage_base: dict[str, Any],
+    release: tuple[Any, str] | None = None,
 ) -> StreamingResponse:
+    """``release``: the caller's inference slot, held until the stream ends."""
+    released = {"done": False}
+
+    def _release() -> None:
+        if release is not None and release[0] is not None and not released["done"]:
+            released["done"] = True
+            release[0].release(release[1])
+
     async def events() -> AsyncIterator[str]:
         completion_tokens = 0
         stream = engine.stream(backend, prompt_ids, params)
@@ -313,6 +375,7 @@ def _stream_response(
             yield _sse(err.body())
             yield "data: [DONE]\n\n"
         finally:
+            _release()
             await stream.aclose()
 
     return StreamingResponse(

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,6 +32,7 @@ from api.deps import (
     load_owned_file,
 )
 from api.errors import APIError, not_found
+from api.limits import check_active_jobs, check_job_size, limits_for, tenant_lock
 from api.schemas import (
     CheckpointObject,
     CountedPage,
@@ -260,19 +261,34 @@ def create_job(
     if valid is not None:
         _check_file_task(valid, task, "validation_file", storage)
 
-    active = session.execute(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.tenant_id == tenant_id, Job.status.in_(list(jobstate.ACTIVE)))
-    ).scalar_one()
-    if active >= settings.max_active_jobs_per_tenant:
-        raise APIError(
-            429,
-            f"You have {active} unfinished jobs (limit {settings.max_active_jobs_per_tenant}); "
-            "wait for some to finish or cancel them",
-            code="too_many_active_jobs",
-        )
+    check_job_size(hp_dict, task, settings)
+    limits = principal.limits or limits_for(session, settings, tenant_id)
+    with tenant_lock(session, tenant_id):  # count and insert atomically (commit inside)
+        check_active_jobs(session, tenant_id, limits.max_active_jobs)
+        job = _insert_job(
+            session, response, body, tenant_id, task, train, valid, hp, hp_dict, settings,
+            idempotency_key, req_hash,
+        )  # fmt: skip
+        if isinstance(job, JobObject):
+            return job  # an idempotent replay raced this request
+    session.refresh(job)
+    return _enqueue(request, session, job)
 
+
+def _insert_job(
+    session: Session,
+    response: Response,
+    body: JobCreate,
+    tenant_id: str,
+    task: str,
+    train: File,
+    valid: File | None,
+    hp: Any,
+    hp_dict: dict[str, Any],
+    settings: Settings,
+    idempotency_key: str | None,
+    req_hash: str,
+) -> Job | JobObject:
     job = Job(
         id=new_id("ftjob-"),
         tenant_id=tenant_id,
@@ -312,8 +328,10 @@ def create_job(
     )
     jobstate.mark_queued(session, job.id, commit=False)
     session.commit()
-    session.refresh(job)
+    return job
 
+
+def _enqueue(request: Request, session: Session, job: Job) -> JobObject:
     enqueue = request.app.state.enqueue
     try:
         enqueue(job.id, job.queue)

@@ -32,13 +32,17 @@ _CHUNK = 1024 * 1024
 
 
 def _base_object(entry: Any) -> ModelObject:
+    description = entry.description
+    if getattr(entry, "source", None) == "registered":
+        # the catalog's description names the server folder; tenants never see paths
+        description = f"a model registered on this server ({entry.family or 'unknown'} family)"
     return ModelObject(
         id=entry.id,
         created=0,
         owned_by="finegates",
         kind="base",
         family=entry.family,
-        description=entry.description,
+        description=description,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -226,3 +227,72 @@ def test_classification_encoding_and_dynamic_padding(tiny_bert_dir):
     assert b["labels"].dtype.is_floating_point is False
     with pytest.raises(DataError):
         encode_classification([{"text": "x", "label": "other", "_line": 7}], tok, 8, {"a": 0})
+
+
+# --- bounded memory (issue 12) ------------------------------------------------------------
+
+
+def _peak_bytes(fn) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _big_csv(path: Path, n_rows: int) -> Path:
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write("text,label\n")
+        for i in range(n_rows):
+            fh.write(f'"row {i}, with a comma and some words to make it longer",{"ab"[i % 2]}\n')
+    return path
+
+
+def test_validation_memory_does_not_grow_with_the_file(tmp_path):
+    small = _big_csv(tmp_path / "small.csv", 5_000)  # ~0.3 MB
+    large = _big_csv(tmp_path / "large.csv", 50_000)  # ~3 MB
+    peak_small = _peak_bytes(lambda: validate_file(small))
+    peak_large = _peak_bytes(lambda: validate_file(large))
+    assert validate_file(large).n_rows == 50_000
+    # 10x the rows, about the same peak (the old reader held the whole file, decoded, and
+    # every record: ~9x the file's size)
+    assert peak_large < 1.5 * peak_small + 256 * 1024, (peak_small, peak_large)
+    assert peak_large < large.stat().st_size / 4
+    # loading for training keeps the records, so it does grow
+    assert _peak_bytes(lambda: load_records(large)) > 4 * peak_large
+
+
+def test_a_file_without_newlines_is_refused_without_reading_it_whole(tmp_path):
+    p = tmp_path / "one_line.csv"
+    p.write_bytes(b"text,label\n" + b"x" * (6 * 1024 * 1024))
+    with pytest.raises(DataError, match="line 2: line is over the") as e:
+        validate_file(p)
+    assert e.value.line == 2
+    p2 = tmp_path / "one_line.jsonl"
+    p2.write_bytes(b'{"text": "' + b"y" * (20 * 1024 * 1024))
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            validate_file(p2)
+        except DataError as exc:
+            box["exc"] = exc
+
+    peak = _peak_bytes(run)
+    # at most a line's limit (2 MiB) read, twice over: not the 20 MB file
+    assert box["exc"].line == 1 and peak < 6 * 1024 * 1024, peak
+
+
+def test_csv_with_lone_carriage_returns_and_quoted_newlines_still_reads(tmp_path):
+    p = tmp_path / "mac.csv"
+    p.write_bytes(b'text,label\r"a\nb",x\r"c",y\r')
+    rep = validate_file(p)
+    assert rep.n_rows == 2 and rep.labels == ["x", "y"]
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"text,label\nok,a\n\xff\xfe,b\n")
+    with pytest.raises(DataError, match="line 3: not valid UTF-8") as e:
+        validate_file(bad)
+    assert e.value.line == 3

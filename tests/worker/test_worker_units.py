@@ -82,12 +82,17 @@ def test_fine_tuned_model_id() -> None:
     from worker.tasks import fine_tuned_model_id
 
     assert fine_tuned_model_id("minilm-l6", "news", "ftjob-AbCdEfGh12345678") == (
-        "ft:minilm-l6:news:12345678"
+        "ft:minilm-l6:news:AbCdEfGh12345678"
     )
-    assert fine_tuned_model_id("smollm2-135m", None, "ftjob-xyzXYZ00") == "ft:smollm2-135m:xyzxyz00"
+    assert fine_tuned_model_id("smollm2-135m", None, "ftjob-xyzXYZ00") == "ft:smollm2-135m:xyzXYZ00"
     # a folder path or a hub id never puts '/' into the id (it is a URL path segment)
     got = fine_tuned_model_id("/models/my bert", "a/b", "ftjob-0000000000000001")
-    assert got == "ft:my-bert:a-b:00000001" and "/" not in got
+    assert got == "ft:my-bert:a-b:0000000000000001" and "/" not in got
+    # two tenants' jobs whose ids end alike (or differ only in case) get different models
+    a = fine_tuned_model_id("minilm-l6", None, "ftjob-aaaaaaaaaaaaaaaa12345678")
+    b = fine_tuned_model_id("minilm-l6", None, "ftjob-bbbbbbbbbbbbbbbb12345678")
+    c = fine_tuned_model_id("minilm-l6", None, "ftjob-AAAAAAAAAAAAAAAA12345678")
+    assert len({a, b, c}) == 3
 
 
 # --- callback -----------------------------------------------------------------------------
@@ -249,7 +254,9 @@ def test_user_error_fails_the_job_with_code_and_message(sessions, settings) -> N
     assert "no-such-model" in row.error_message and row.finished_at is not None
 
 
-def test_internal_error_is_reported_with_a_traceback_event(sessions, settings, monkeypatch) -> None:
+def test_internal_error_keeps_the_traceback_in_the_log_only(
+    sessions, settings, monkeypatch, caplog
+) -> None:
     import core.train
     from worker.tasks import execute_job
 
@@ -261,13 +268,21 @@ def test_internal_error_is_reported_with_a_traceback_event(sessions, settings, m
     out = execute_job(job_id, settings=settings, session_factory=sessions, worker_id="w")
     assert out.status == "failed"
     row = job_row(sessions, job_id)
-    assert row.error_code == "internal_error" and "disk on fire" in row.error_message
+    assert row.error_code == "internal_error"
+    # the tenant sees a message written for them with a reference, not the exception
+    assert "disk on fire" not in row.error_message and "RuntimeError" not in row.error_message
+    ref = out.data["reference"]
+    assert ref.startswith("err_") and ref in row.error_message
     with session_scope(sessions) as s:
-        ev = s.execute(
-            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.level == "error")
-        ).scalars()
-        tbs = [e.data["traceback"] for e in ev if e.data and "traceback" in e.data]
-    assert tbs and "RuntimeError: disk on fire" in tbs[0]
+        ev = list(s.execute(select(JobEvent).where(JobEvent.job_id == job_id)).scalars())
+    for e in ev:
+        text = e.message + repr(e.data)
+        assert "Traceback" not in text and "disk on fire" not in text, text
+        assert "traceback" not in (e.data or {})
+        assert "worker_id" not in (e.data or {})  # host:pid stays on the server
+    # ... and the server log has the traceback under the same reference
+    logged = [r for r in caplog.records if ref in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
 
 
 def test_shutdown_mid_job_checkpoints_and_requeues_without_using_an_attempt(
