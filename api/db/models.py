@@ -162,6 +162,8 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     run_dir: Mapped[str | None] = mapped_column(String(1024))
+    # training | pruning | exporting | measuring while running (migration 0004_results)
+    phase: Mapped[str | None] = mapped_column(String(16))
 
 
 class JobEvent(Base):
