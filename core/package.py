@@ -24,8 +24,14 @@ way: the files its manifest lists are copied (and checked against their hashes) 
 staging folder, the file is added, the manifest is sealed again and the folder replaces
 the old one in a single rename.
 
-Progress goes to ``on_event`` (one ``PackageEvent`` per phase), so the service can
-record it without this module knowing about jobs.
+Progress goes to ``on_event``: each phase opens with a ``PackageEvent`` whose data is
+``{"phase": "pruning" | "exporting" | "measuring", "eta_seconds": ...}`` and closes with
+one saying what it did, so the service can record it without this module knowing about
+jobs.
+
+What a user reads first (``run_results``: target reached, the delivered state's
+evaluation, the validation set, warnings; the report's summary sentence) goes into
+``manifest.results``, and the delivered state's evaluation into ``manifest.metrics``.
 """
 
 from __future__ import annotations
