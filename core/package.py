@@ -587,7 +587,7 @@ def build_checkpoint_artifact(
     check_batch: int = 4,
 ) -> ArtifactResult:
     """A checkpoint of ``run_dir`` as its own published artifact (weights, manifest,
-    tokenizer; no ONNX, no report): the final state with the checkpoint's trainable
+    tokenizer; no ONNX, no report, no hf/ copy): the final state with the checkpoint's trainable
     tensors, pruned. ``metrics`` are the evaluation recorded at that step."""
     dest = Path(artifact_dir).absolute()
     stage = staging_dir(dest)
@@ -596,7 +596,8 @@ def build_checkpoint_artifact(
         step = int(Path(checkpoint).name.rsplit("-", 1)[-1])
         ev = evaluation_at(run_dir, step)
         pr.fields["metrics"] = ev or {"step": step}
-        write_artifact(pr.pruned, pr.tokenizer, stage, **pr.fields)
+        # no hf/ copy: a checkpoint is for trying and serving; the final model has one
+        write_artifact(pr.pruned, pr.tokenizer, stage, write_hf_copy=False, **pr.fields)
         del pr
         manifest = read_manifest(stage)
         manifest.results = {"checkpoint_step": step, "eval_metrics": ev}
