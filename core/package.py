@@ -315,6 +315,9 @@ def run_results(run_dir: str | Path) -> dict[str, Any]:
         "training_rows": n_train,
     }
 
+    if eval_metrics is not None:
+        eval_metrics["validation_rows"] = used
+        eval_metrics["validation_source"] = validation["source"]
     warnings: list[str] = []
     if reached is False and isinstance(target, int | float) and target > 0:
         got = f"{100 * measured:.1f}%" if isinstance(measured, int | float) else "less"
@@ -576,7 +579,11 @@ def _task_metrics(eval_metrics: dict[str, Any] | None) -> dict[str, Any]:
     """The manifest's ``metrics``: the delivered state's evaluation, flat."""
     if not eval_metrics:
         return {}
-    return {k: v for k, v in eval_metrics.items() if k not in ("best", "last", "state")}
+    return {
+        k: v
+        for k, v in eval_metrics.items()
+        if k not in ("best", "last", "state", "validation_source")
+    }
 
 
 def build_checkpoint_artifact(

@@ -82,6 +82,8 @@ def test_a_missed_target_is_said_everywhere_and_checkpoints_are_models(
     ev = job["eval_metrics"]
     assert ev["state"] == "last" and ev["best"] is None and ev["step"] == 6
     assert 0.0 <= ev["accuracy"] <= 1.0 and "eval_loss" in ev
+    # 24 rows, 10% carved out: the validation set is stated, and called small
+    assert ev["validation_rows"] == 2 and ev["validation_source"] == "carved from the training file"
     assert job["progress"]["phase"] is None  # not running any more
     events = _events(sessions, job_id)
     assert ("warning", job["warnings"][0]) in [(e.level, e.message) for e in events]
