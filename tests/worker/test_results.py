@@ -166,9 +166,10 @@ def test_a_missed_target_is_said_everywhere_and_checkpoints_are_models(
     assert model_id in listed and not any(":ckpt-step-" in i for i in listed)
     assert api.delete(f"/v1/models/{model_id}", headers=h).json()["deleted"] is True
     for c in cks:
-        assert (
-            api.get(f"/v1/models/{c['fine_tuned_model_checkpoint']}", headers=h).status_code == 404
-        )
+        gone = api.get(f"/v1/models/{c['fine_tuned_model_checkpoint']}", headers=h)
+        assert gone.status_code == 404
+        assert "a checkpoint becomes a model when its job has succeeded" in gone.text
+
     assert not any((settings.data_path / "artifacts").iterdir())
 
 
