@@ -22,6 +22,7 @@ from api.auth import Principal, authenticate, hash_key
 from api.db.models import File, FineTunedModel, Job
 from api.errors import APIError, not_found
 from api.jobstate import queue_position_expr
+from api.model_ids import CHECKPOINT_MARK
 from api.settings import Settings
 from api.storage import LocalStorage
 
@@ -168,7 +169,10 @@ def get_model_ref(
     finetuned = find_owned_model(session, model_id, principal.tenant_id)
     base = None if finetuned is not None else base_models(settings).get(model_id)
     if finetuned is None and base is None:
-        raise not_found("model", model_id)
+        err = not_found("model", model_id)
+        if CHECKPOINT_MARK in model_id:  # same words for any id: no probing of other tenants
+            err.message += "; a checkpoint becomes a model when its job has succeeded"
+        raise err
     return ModelRef(model_id, finetuned, base)
 
 

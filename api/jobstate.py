@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import case, func, insert, select, update
@@ -267,6 +268,7 @@ def record_progress(
     measured_sparsity: float | None = None,
     events: Iterable[Mapping[str, Any]] = (),
     metrics: Iterable[Mapping[str, Any]] = (),
+    phase: str | None = None,
 ) -> ProgressAck:
     """One transaction for a batch: progress columns + heartbeat + events + metric points.
 
@@ -282,6 +284,7 @@ def record_progress(
         ("trained_tokens", trained_tokens),
         ("estimated_finish", estimated_finish),
         ("measured_sparsity", measured_sparsity),
+        ("phase", phase),
     ):
         if val is not None:
             values[name] = val
@@ -759,3 +762,15 @@ def queue_position(session: Session, job: Job) -> int | None:
 
 
 _UNSET = object()
+
+
+def forget_missing_checkpoints(session: Session, job_id: str) -> list[int]:
+    """Delete the job's checkpoint rows whose folder is gone (training keeps only the
+    last ``n_checkpoints`` and the best on disk), so the list shows what exists.
+    Returns the steps forgotten."""
+    rows = session.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)).scalars()
+    gone = [c for c in rows if not Path(c.path).is_dir()]
+    for c in gone:
+        session.delete(c)
+    session.commit()
+    return [c.step for c in gone]

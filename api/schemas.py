@@ -145,6 +145,8 @@ class Progress(_Strict):
     total_steps: int | None
     percent: float | None
     eta_seconds: int | None
+    # while running: training, then pruning, exporting, measuring; null otherwise
+    phase: Literal["training", "pruning", "exporting", "measuring"] | None = None
 
 
 class Sparsity(_Strict):
@@ -190,6 +192,11 @@ class JobObject(_Strict):
     queue_position: int | None
     attempts: int
     cancel_requested: bool
+    # results (null / empty until the job succeeds): did pruning reach target_sparsity,
+    # the delivered model's evaluation, and plain-sentence warnings
+    target_reached: bool | None = None
+    eval_metrics: dict[str, Any] | None = None
+    warnings: list[str] = Field(default_factory=list)
 
 
 class JobEventObject(_Strict):
@@ -229,13 +236,20 @@ class ModelObject(_Strict):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    kind: Literal["base", "fine-tuned"]
+    kind: Literal["base", "fine-tuned", "checkpoint"]
     family: str | None = None
     description: str | None = None
     task: str | None = None
     base_model: str | None = None
     job_id: str | None = None
     compression: dict[str, Any] | None = None
+    # fine-tuned models and checkpoints: the results the job reported for them
+    summary: str | None = None
+    target_reached: bool | None = None
+    eval_metrics: dict[str, Any] | None = None
+    warnings: list[str] = Field(default_factory=list)
+    checkpoint_step: int | None = None
+    downloads: dict[str, int] | None = None  # bytes: tar (default), safetensors, onnx
 
 
 class ModelList(_Strict):

@@ -83,6 +83,9 @@ class Manifest(Mapping[str, Any]):
     measured_sparsity: float | None = None
     max_length: int | None = None
     source_run: str | None = None
+    # what a user reads first (core.package.run_results): target_reached, target and
+    # measured sparsity, eval_metrics, the validation set, warnings, the summary sentence
+    results: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # --- dict-like reading -------------------------------------------------------------
@@ -137,6 +140,7 @@ class Manifest(Mapping[str, Any]):
             "measured_sparsity": self.measured_sparsity,
             "max_length": self.max_length,
             "source_run": self.source_run,
+            "results": self.results,
         }
         for k, v in self.extra.items():
             out.setdefault(k, v)
@@ -207,6 +211,7 @@ class Manifest(Mapping[str, Any]):
             measured_sparsity=v.number("measured_sparsity"),
             max_length=v.integer("max_length"),
             source_run=v.string("source_run", none=True),
+            results=v.mapping("results", none=True),
             extra={k: val for k, val in data.items() if k not in known},
         )
 

@@ -24,8 +24,14 @@ way: the files its manifest lists are copied (and checked against their hashes) 
 staging folder, the file is added, the manifest is sealed again and the folder replaces
 the old one in a single rename.
 
-Progress goes to ``on_event`` (one ``PackageEvent`` per phase), so the service can
-record it without this module knowing about jobs.
+Progress goes to ``on_event``: each phase opens with a ``PackageEvent`` whose data is
+``{"phase": "pruning" | "exporting" | "measuring", "eta_seconds": ...}`` and closes with
+one saying what it did, so the service can record it without this module knowing about
+jobs.
+
+What a user reads first (``run_results``: target reached, the delivered state's
+evaluation, the validation set, warnings; the report's summary sentence) goes into
+``manifest.results``, and the delivered state's evaluation into ``manifest.metrics``.
 """
 
 from __future__ import annotations
@@ -52,10 +58,10 @@ from core.artifacts import (
     write_artifact,
 )
 from core.errors import ArtifactError, PruningError
-from core.manifest import MANIFEST, ONNX, REPORT, Manifest
+from core.manifest import HF_DIR, MANIFEST, ONNX, REPORT, WEIGHTS, Manifest
 from core.onnx_export import export_onnx
 from core.prune import compression_figures, diff_and_scale, prune_model
-from core.report import DEFAULT_SHAPES, compression_report
+from core.report import BUSY_PREFIX, DEFAULT_SHAPES, compression_report
 from core.rundir import RunDir, load_gated_run
 from core.structure import describe
 
@@ -66,7 +72,11 @@ __all__ = [
     "ArtifactResult",
     "PrunedRun",
     "build_artifact",
+    "build_checkpoint_artifact",
     "rebuild_artifact",
+    "run_results",
+    "evaluation_at",
+    "downloads",
     "measure",
     "prune_run",
     "original_shape",
@@ -117,9 +127,21 @@ class ArtifactResult:
                     out[key] = src[key]
         rows = [r for r in (self.report or {}).get("latency", []) if isinstance(r, dict)]
         if rows:
-            keep = ("backend", "batch", "seq_len", "dense_ms", "pruned_ms", "ratio")
-            out["latency"] = [{k: r.get(k) for k in keep} for r in rows]
+            keep = (
+                "backend", "batch", "seq_len", "dense_ms", "pruned_ms", "ratio", "speedup",
+                "dense_p10_ms", "dense_p90_ms", "pruned_p10_ms", "pruned_p90_ms",
+            )  # fmt: skip
+            out["latency"] = [{k: r.get(k) for k in keep if k in r} for r in rows]
+        if self.report and self.report.get("machine"):
+            out["machine"] = self.report["machine"]
         out["artifact_bytes"] = self.size_bytes
+        out["downloads"] = downloads(self.manifest)
+        res = self.manifest.results or {}
+        for key in ("target_reached", "target_sparsity", "eval_metrics", "validation"):
+            if key in res:
+                out[key] = res[key]
+        out["warnings"] = list(res.get("warnings") or [])
+        out["summary"] = res.get("summary")
         return out
 
 
@@ -167,11 +189,24 @@ class PrunedRun:
     fields: dict[str, Any]  # keyword arguments of core.artifacts.write_artifact
 
 
-def prune_run(run_dir: str | Path, *, check_batch: int = 4, **prune_kwargs: Any) -> PrunedRun:
+def prune_run(
+    run_dir: str | Path,
+    *,
+    check_batch: int = 4,
+    checkpoint: str | Path | None = None,
+    **prune_kwargs: Any,
+) -> PrunedRun:
     """Load a trained gated run (core.rundir.load_gated_run), prune it and check the
-    pruned model against the gated one on random inputs."""
+    pruned model against the gated one on random inputs.
+
+    ``checkpoint``: a ``checkpoints/step-N`` folder of the run; its trainable tensors
+    (gates, head, LoRA factors) replace the final state's before pruning."""
     run_dir = Path(run_dir)
     gated, tokenizer, info = load_gated_run(run_dir)
+    if checkpoint is not None:
+        from core.checkpoint import load_trainable
+
+        load_trainable(checkpoint, gated)
     gated.eval()
     pruned, plan = prune_model(gated, **prune_kwargs)
     diff, scale = diff_and_scale(gated, pruned, batch=check_batch)
@@ -205,11 +240,126 @@ def prune_run(run_dir: str | Path, *, check_batch: int = 4, **prune_kwargs: Any)
         "dense_source": Path(info["base_model_path"]).name if info.get("base_model_path") else None,
         "original_shape": original_shape(gated),
         "problem_type": info.get("problem_type"),
-        "measured_sparsity": info.get("measured_sparsity"),
+        "measured_sparsity": (
+            plan.removed_fraction() if checkpoint is not None else info.get("measured_sparsity")
+        ),
         "max_length": info.get("max_length"),
         "source_run": run_dir.resolve().name,
     }
     return PrunedRun(pruned=pruned, tokenizer=tokenizer, fields=fields)
+
+
+# ----------------------------------------------------------------------------- results
+# Columns of a metrics.jsonl evaluation row that are not task metrics.
+_EVAL_BOOKKEEPING = frozenset(
+    {"step", "epoch", "measured_sparsity", "sparsity_by_type", "removable_params",
+     "gated_params", "target_sparsity", "is_best"}
+)  # fmt: skip
+# Below this many validation rows, an accuracy estimate moves in steps of 1 point or more.
+SMALL_VALIDATION = 100
+
+
+def _evaluation(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out: dict[str, Any] = {"step": row.get("step")}
+    out.update({k: v for k, v in row.items() if k not in _EVAL_BOOKKEEPING})
+    out["measured_sparsity"] = row.get("measured_sparsity")
+    return out
+
+
+def evaluation_at(run_dir: str | Path, step: int) -> dict[str, Any] | None:
+    """The evaluation recorded at ``step`` (task metrics, eval_loss, measured sparsity)."""
+    rows = [r for r in RunDir(run_dir).read_metrics() if r.get("step") == step]
+    return _evaluation(rows[-1]) if rows else None
+
+
+def run_results(run_dir: str | Path) -> dict[str, Any]:
+    """What a user reads first about a trained run: did it reach its target, how well
+    does the model it delivers do (and on how many validation rows), and plain-sentence
+    warnings. Read from the run directory (config.json, metrics.jsonl, final/)."""
+    rd = RunDir(run_dir)
+    cfg: dict[str, Any] = dict(rd.read_config() or {})
+    job = cfg.get("config") or {}
+    hp = job.get("hyperparameters") or {}
+    info: dict[str, Any] = dict(rd.read_final_info()[1]) if rd.has_final() else {}
+    rows = rd.read_metrics()
+    target = info.get("target_sparsity", hp.get("target_sparsity"))
+    tol = hp.get("sparsity_tolerance")
+    measured = info.get("measured_sparsity")
+    reached = info.get("target_reached")
+    best_step = info.get("best_step")
+    last = _evaluation(rows[-1]) if rows else None
+    best = next((_evaluation(r) for r in reversed(rows) if r.get("step") == best_step), None)
+    delivered = best if reached and best is not None else last
+    eval_metrics: dict[str, Any] | None = None
+    if delivered is not None:
+        eval_metrics = {
+            **delivered,
+            "state": "best" if reached and best is not None else "last",
+            "best": best,
+            "last": last,
+        }
+
+    n_val = int(cfg.get("n_val_examples") or 0)
+    n_train = cfg.get("n_train_examples")
+    given = bool(job.get("validation_file"))
+    max_batches, batch = hp.get("eval_max_batches"), hp.get("batch_size")
+    used = n_val
+    if isinstance(max_batches, int) and isinstance(batch, int):
+        used = min(n_val, max_batches * batch)
+    validation = {
+        "rows": n_val,
+        "rows_evaluated": used,
+        "source": "validation_file" if given else "carved from the training file",
+        "fraction": None if given else job.get("validation_split"),
+        "training_rows": n_train,
+    }
+
+    if eval_metrics is not None:
+        eval_metrics["validation_rows"] = used
+        eval_metrics["validation_source"] = validation["source"]
+    warnings: list[str] = []
+    if reached is False and isinstance(target, int | float) and target > 0:
+        got = f"{100 * measured:.1f}%" if isinstance(measured, int | float) else "less"
+        within = f" within {100 * tol:.0f} points" if isinstance(tol, int | float) else ""
+        warnings.append(
+            f"Target missed: asked for {100 * target:.0f}% of the gated weights removed, "
+            f"got {got}. No evaluation came{within} of the target, so the model is the "
+            "last training state. Train longer (more max_steps or n_epochs) to reach it."
+        )
+    if used == 0:
+        warnings.append(
+            "There was no validation set: the evaluation ran on training rows, so its "
+            "metrics say little about new data. Upload a validation_file."
+        )
+    elif used < SMALL_VALIDATION:
+        where = "given" if given else "carved from the training file"
+        warnings.append(
+            f"The validation set is small ({used} rows, {where}): a score moves in steps "
+            f"of {100 / used:.1f} points, so differences of a few points are noise. "
+            "Upload a validation_file with a few hundred rows for a reliable estimate."
+        )
+    warnings += [str(w) for w in cfg.get("warnings") or [] if w]
+    return {
+        "target_sparsity": target,
+        "measured_sparsity": measured,
+        "target_reached": reached,
+        "eval_metrics": eval_metrics,
+        "validation": validation,
+        "warnings": warnings,
+    }
+
+
+def downloads(manifest: Manifest) -> dict[str, int]:
+    """Bytes of what can be downloaded: the default tar (weights, manifest, tokenizer,
+    report; no ONNX, no hf/ copy), and the single files."""
+    files = manifest.files
+    tar = sum(e["size"] for n, e in files.items() if n != ONNX and not n.startswith(HF_DIR + "/"))
+    out = {"tar": tar, "safetensors": files[WEIGHTS]["size"] if WEIGHTS in files else 0}
+    if ONNX in files:
+        out["onnx"] = files[ONNX]["size"]
+    return out
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -227,6 +377,66 @@ def _write_report(path: Path, report: dict[str, Any]) -> None:
 
 def _default_backends(stage: Path) -> tuple[str, ...]:
     return ("torch", "onnxruntime") if (stage / ONNX).is_file() else ("torch",)
+
+
+def _started(phase: str, message: str, eta: float | None = None) -> PackageEvent:
+    """The event that opens a phase; ``data.phase`` and ``data.eta_seconds`` feed the
+    job's progress."""
+    kind = {"pruning": "prune", "exporting": "onnx", "measuring": "report"}[phase]
+    data = {"phase": phase, "eta_seconds": None if eta is None else round(eta, 1)}
+    return PackageEvent(kind, "info", message, data)
+
+
+def _report_estimate(
+    model: nn.Module, manifest: Manifest, kw: dict[str, Any]
+) -> tuple[nn.Module | None, float | None]:
+    """The dense reference the report needs, and how long the report will take: one
+    timed dense and pruned forward per shape, times the runs each backend makes."""
+    import time
+
+    from core.report import dense_reference
+
+    dense = kw.get("dense") or dense_reference(model, manifest.original_shape)
+    try:
+        import torch
+
+        per_round = 0.0
+        cfg: Any = model.config  # a core.pruned config
+        for b, t in kw["shapes"]:
+            ids = torch.randint(3, int(cfg.vocab_size), (b, t))
+            mask = torch.ones_like(ids)
+            for m in (dense, model):
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    if manifest.family == "bert":
+                        m(ids, mask)
+                    else:
+                        m(ids, last_only=True)
+                    per_round += time.perf_counter() - t0
+        rounds = int(kw.get("runs", 20)) + int(kw.get("warmup", 3))
+        eta = per_round * rounds * max(1, len(kw["backends"]))
+        if manifest.family != "bert":
+            eta *= 1.5  # decode tokens/s at batch 1
+        return dense, eta
+    except Exception:  # an estimate only: the report itself says what went wrong
+        log.debug("report time estimate failed", exc_info=True)
+        return dense, None
+
+
+def _with_report(
+    results: dict[str, Any] | None, report: dict[str, Any] | None, warnings: list[str]
+) -> dict[str, Any]:
+    """Results + the report's summary and timing warning + the packaging warnings."""
+    out = dict(results or {})
+    out["warnings"] = list(out.get("warnings") or [])
+    if report is not None:  # a new measurement replaces the old one's warning
+        out["warnings"] = [w for w in out["warnings"] if not w.startswith(BUSY_PREFIX)]
+        summary = report.get("summary") or {}
+        out["summary"] = summary.get("sentence") or None
+        if report.get("timing_warning"):
+            out["warnings"].append(report["timing_warning"])
+    out["warnings"] += [w for w in warnings if w not in out["warnings"]]
+    return out
 
 
 def _complete(
@@ -256,6 +466,7 @@ def _complete(
         emit(PackageEvent(phase, "warning", msg))
 
     if onnx:
+        emit(_started("exporting", "Exporting the pruned model to ONNX"))
         try:
             export_onnx(model, stage / ONNX)
         except Exception as exc:  # optional extra
@@ -270,6 +481,15 @@ def _complete(
         kw["shapes"] = kw.get("shapes") or report_shapes(model)
         kw["backends"] = kw.get("backends") or _default_backends(stage)
         try:
+            kw["dense"], eta = _report_estimate(model, manifest, kw)
+            emit(
+                _started(
+                    "measuring",
+                    "Measuring CPU latency, dense vs pruned"
+                    + (f" (about {eta:.0f} s)" if eta is not None else ""),
+                    eta,
+                )
+            )
             rep = compression_report(model, manifest, stage, **kw)
             _write_report(stage / REPORT, rep)
         except Exception as exc:  # the model is usable without its latency report
@@ -285,6 +505,7 @@ def _complete(
                     "Wrote the compression report (parameters, sizes, latency dense vs pruned)",
                 )
             )
+    manifest.results = _with_report(manifest.results, rep, warnings)
     try:
         manifest = seal(stage, manifest)
         publish(stage, dest)
@@ -322,12 +543,16 @@ def build_artifact(
     dest = Path(artifact_dir).absolute()
     stage = staging_dir(dest)
     try:
+        emit(_started("pruning", "Pruning the gated model"))
         try:
             pr = prune_run(run_dir, check_batch=check_batch, **(prune_kwargs or {}))
+            results = run_results(run_dir)
+            pr.fields["metrics"] = _task_metrics(results.get("eval_metrics"))
             write_artifact(pr.pruned, pr.tokenizer, stage, **pr.fields)
             del pr
             # export and measure what will be served: the model as read back from disk
             loaded = load_artifact(stage, load_tokenizer=False)
+            loaded.manifest.results = results
         except Exception as exc:
             log.exception("pruning %s failed", run_dir)
             tb = traceback.format_exc()[-8000:]
@@ -346,6 +571,47 @@ def build_artifact(
             stage, dest, loaded.model, loaded.manifest, emit,
             onnx=onnx, report=report, strict=False, report_kw=report_kw,
         )  # fmt: skip
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _task_metrics(eval_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's ``metrics``: the delivered state's evaluation, flat."""
+    if not eval_metrics:
+        return {}
+    return {
+        k: v
+        for k, v in eval_metrics.items()
+        if k not in ("best", "last", "state", "validation_source")
+    }
+
+
+def build_checkpoint_artifact(
+    run_dir: str | Path,
+    checkpoint: str | Path,
+    artifact_dir: str | Path,
+    *,
+    check_batch: int = 4,
+) -> ArtifactResult:
+    """A checkpoint of ``run_dir`` as its own published artifact (weights, manifest,
+    tokenizer; no ONNX, no report, no hf/ copy): the final state with the checkpoint's trainable
+    tensors, pruned. ``metrics`` are the evaluation recorded at that step."""
+    dest = Path(artifact_dir).absolute()
+    stage = staging_dir(dest)
+    try:
+        pr = prune_run(run_dir, check_batch=check_batch, checkpoint=checkpoint)
+        step = int(Path(checkpoint).name.rsplit("-", 1)[-1])
+        ev = evaluation_at(run_dir, step)
+        pr.fields["metrics"] = ev or {"step": step}
+        # no hf/ copy: a checkpoint is for trying and serving; the final model has one
+        write_artifact(pr.pruned, pr.tokenizer, stage, write_hf_copy=False, **pr.fields)
+        del pr
+        manifest = read_manifest(stage)
+        manifest.results = {"checkpoint_step": step, "eval_metrics": ev}
+        manifest = seal(stage, manifest)
+        publish(stage, dest)
+        return ArtifactResult(dest, manifest, None, ["safetensors"], _folder_bytes(dest))
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -17,6 +17,8 @@ batch 1.
 from __future__ import annotations
 
 import copy
+import os
+import platform
 import statistics
 import tempfile
 import time
@@ -48,6 +50,9 @@ __all__ = [
     "alternating_medians",
     "compression_report",
     "format_report",
+    "machine_info",
+    "timing_warning",
+    "summarize",
 ]
 
 
@@ -132,7 +137,29 @@ def alternating_medians(
             t0 = time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return Timings({k: statistics.median(v) for k, v in times.items()}, times)
+
+
+class Timings(dict):
+    """Medians by name (a plain dict to read), with every sample kept in ``samples``."""
+
+    def __init__(self, medians: dict[str, float], samples: dict[str, list[float]]):
+        super().__init__(medians)
+        self.samples = samples
+
+
+def spread(samples: list[float]) -> dict[str, float]:
+    """The 10th and 90th percentiles (ms) and their distance relative to the median."""
+    if len(samples) < 2:
+        v = samples[0] if samples else 0.0
+        return {"p10_ms": v, "p90_ms": v, "relative_spread": 0.0}
+    qs = statistics.quantiles(samples, n=10, method="inclusive")
+    med = statistics.median(samples)
+    return {
+        "p10_ms": round(qs[0], 4),
+        "p90_ms": round(qs[-1], 4),
+        "relative_spread": (qs[-1] - qs[0]) / med if med > 0 else 0.0,
+    }
 
 
 def _inputs(model: nn.Module, batch: int, seq_len: int, seed: int = 0):
@@ -200,6 +227,7 @@ def compression_report(
 ) -> dict:
     """The report as a JSON-able dict (contract keys at the top level)."""
     comp = dict(manifest.compression)
+    load_before = _load_average()
     if dense is None:
         dense = dense_reference(model, manifest.original_shape)
     model.eval()
@@ -252,22 +280,33 @@ def compression_report(
     report["latency"] = rows
     if is_lm and decode_tokens > 1:
         report["decode"] = _decode_tok_s(dense, model, 64, decode_tokens, decode_runs)
+    report["machine"] = machine_info(load_before)
+    report["timing_warning"] = timing_warning(report)
+    report["summary"] = summarize(report)
     return report
 
 
 def _row(backend, b, t, med, model, dense, lm_pos) -> dict:
     ideal = flop_count(model, b, t, lm_pos) / flop_count(dense, b, t, lm_pos)
     ratio = med["pruned"] / med["dense"]
-    return {
+    row = {
         "backend": backend,
         "batch": b,
         "seq_len": t,
         "dense_ms": round(med["dense"], 4),
         "pruned_ms": round(med["pruned"], 4),
         "ratio": ratio,
+        "speedup": med["dense"] / med["pruned"] if med["pruned"] > 0 else None,
         "flop_ideal_ratio": ideal,
         "measured_over_ideal": ratio / ideal,
     }
+    samples = getattr(med, "samples", None)
+    if samples:
+        for k in ("dense", "pruned"):
+            sp = spread(samples[k])
+            row[f"{k}_p10_ms"], row[f"{k}_p90_ms"] = sp["p10_ms"], sp["p90_ms"]
+            row[f"{k}_relative_spread"] = sp["relative_spread"]
+    return row
 
 
 def _onnx_rows(model, dense, shapes, runs, warmup, lm_pos) -> list[dict]:
@@ -301,6 +340,11 @@ def format_report(r: dict) -> str:
 
     lines = [
         f"FineGates compression report ({r.get('family')}, base {r.get('base_model')})",
+    ]
+    sentence = (r.get("summary") or {}).get("sentence")
+    if sentence:
+        lines.append(f"  {sentence}")
+    lines += [
         f"  params: {r.get('params_before')} -> {r.get('params_after')} "
         f"({pct(r.get('params_removed_fraction'))} of the whole model removed)",
         f"  gated Linears: {r.get('gated_params_before')} -> {r.get('gated_params_after')} "
@@ -318,6 +362,12 @@ def format_report(r: dict) -> str:
             f"{row['dense_ms']:9.2f} {row['pruned_ms']:9.2f}  ratio {row['ratio']:.3f} "
             f"(ideal {row['flop_ideal_ratio']:.3f}, measured/ideal "
             f"{row['measured_over_ideal']:.2f})"
+            + (
+                f"  p10-p90 dense {row['dense_p10_ms']:.2f}-{row['dense_p90_ms']:.2f}, "
+                f"pruned {row['pruned_p10_ms']:.2f}-{row['pruned_p90_ms']:.2f}"
+                if "dense_p10_ms" in row
+                else ""
+            )
         )
     d = r.get("decode")
     if d:
@@ -325,4 +375,114 @@ def format_report(r: dict) -> str:
             f"  decode: {d['dense_tok_s']:.1f} -> {d['pruned_tok_s']:.1f} tok/s "
             f"(x{d['ratio']:.2f}; FLOP-ideal x{d['flop_ideal_speedup']:.2f})"
         )
+    m = r.get("machine")
+    if m:
+        lines.append(
+            f"  measured on {m.get('cpu')} ({m.get('logical_cpus')} CPUs, "
+            f"{m.get('torch_threads')} torch threads, load average "
+            f"{m.get('load_average_before')} -> {m.get('load_average_after')})"
+        )
+    if r.get("timing_warning"):
+        lines.append(f"  WARNING: {r['timing_warning']}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- summary
+# A timing whose 10th-90th percentile band is wider than this share of its median was
+# taken while something else competed for the CPU; so was one started under a load
+# average above the number of CPUs.
+NOISY_SPREAD = 0.5
+BUSY_PREFIX = "The machine was busy while the latency was measured"
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # not available on every platform
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_info(load_before: float | None = None) -> dict[str, Any]:
+    """Where the timings were taken: CPU model, logical CPUs, torch threads, load."""
+    return {
+        "cpu": _cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
+    }
+
+
+def timing_warning(report: dict[str, Any]) -> str | None:
+    """A plain sentence when the latency figures were measured on a busy machine."""
+    m = report.get("machine") or {}
+    cpus = m.get("logical_cpus") or 1
+    loads = [x for x in (m.get("load_average_before"), m.get("load_average_after")) if x]
+    noisy = [
+        f"{r['backend']} {r['batch']}x{r['seq_len']}"
+        for r in report.get("latency", [])
+        if max(r.get("dense_relative_spread", 0.0), r.get("pruned_relative_spread", 0.0))
+        > NOISY_SPREAD
+    ]
+    why = []
+    if loads and max(loads) > cpus:
+        why.append(f"the load average was {max(loads):.1f} on {cpus} CPUs")
+    if noisy:
+        why.append(f"repeated runs varied by more than {NOISY_SPREAD:.0%} ({', '.join(noisy)})")
+    if not why:
+        return None
+    return (
+        f"{BUSY_PREFIX} (" + "; ".join(why) + "): "
+        "treat the latency figures as rough and measure again on an idle machine "
+        "(finegates bench ARTIFACT)."
+    )
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """How much smaller and how much faster, as fields and one sentence."""
+    files = report.get("file_sizes") or {}
+    rows = [r for r in report.get("latency", []) if r.get("backend") == "torch"]
+    row = min(rows, key=lambda r: r["batch"] * r["seq_len"], default=None)
+    out: dict[str, Any] = {
+        "gated_removed_fraction": report.get("gated_removed_fraction"),
+        "params_removed_fraction": report.get("params_removed_fraction"),
+        "file_bytes_dense": files.get("dense_fp32_estimate"),
+        "file_bytes_pruned": files.get(WEIGHTS),
+        "latency_shape": [row["batch"], row["seq_len"]] if row else None,
+        "dense_ms": row["dense_ms"] if row else None,
+        "pruned_ms": row["pruned_ms"] if row else None,
+        "speedup": row.get("speedup") if row else None,
+        "cpu": (report.get("machine") or {}).get("cpu"),
+        "torch_threads": report.get("torch_threads"),
+    }
+    parts = []
+    g, p = out["gated_removed_fraction"], out["params_removed_fraction"]
+    if g is not None:
+        parts.append(
+            f"removed {100 * g:.1f}% of the gated weights"
+            + (f" ({100 * p:.1f}% of the model)" if p is not None else "")
+        )
+    a, b = out["file_bytes_dense"], out["file_bytes_pruned"]
+    if a and b:
+        parts.append(f"weights file {a / 1e6:.1f} MB -> {b / 1e6:.1f} MB")
+    if row and out["speedup"]:
+        s = out["speedup"]
+        how = f"{s:.2f}x faster" if s >= 1 else f"{1 / s:.2f}x slower"
+        parts.append(
+            f"CPU latency at {row['batch']}x{row['seq_len']} dense {row['dense_ms']:.1f} ms "
+            f"-> pruned {row['pruned_ms']:.1f} ms ({how}) on {out['cpu']}, "
+            f"{out['torch_threads']} threads"
+        )
+    text = "; ".join(parts)
+    out["sentence"] = (text[:1].upper() + text[1:] + ".") if text else ""
+    return out

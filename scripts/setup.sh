@@ -12,6 +12,19 @@ PY="$VENV/bin/python"
 STAMP="$VENV/.finegates-setup"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 
+# A .venv copied from another checkout keeps that checkout's paths (script shebangs,
+# the editable install): it would run the other checkout's code. Rebuild it.
+if [ -x "$PY" ] && [ -f "$STAMP" ]; then
+  here=$(pwd -P)
+  if ! head -1 "$VENV/bin/finegates" 2>/dev/null | grep -qxF "#!$here/$VENV/bin/python" ||
+     ! "$PY" -c 'import pathlib, sys, core
+sys.exit(pathlib.Path(core.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())' 2>/dev/null
+  then
+    echo "setup: $VENV belongs to another checkout (its scripts or install point elsewhere); rebuilding it"
+    rm -rf "$VENV"
+  fi
+fi
+
 if [ ! -x "$PY" ]; then
   echo "setup: creating $VENV with $($PYTHON --version 2>&1)"
   "$PYTHON" -m venv "$VENV"

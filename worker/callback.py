@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -90,6 +90,11 @@ class JobCallback:
         self._metrics: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
         self._measured: float | None = None
+        self._last_eval: EvalRecord | None = None
+        # the part of the job under way; after training, core.package's phases, each
+        # with its own expected end (None: the training ETA applies)
+        self.phase = "training"
+        self.phase_finish: datetime | None = None
         self._steps_seen = 0
         self._last_flush = clock()
         self._lock = threading.Lock()
@@ -115,16 +120,21 @@ class JobCallback:
             self.last_step = record
             if record.measured_sparsity is not None:
                 self._measured = _finite(record.measured_sparsity)
+            # ``loss`` is the task loss, as in OpenAI's metrics; the sparsity penalty
+            # (lambda x the sparsity term) and the total the optimizer sees are apart.
             self._metrics.append(
                 {
                     "kind": "train",
                     "step": int(record.step),
-                    "loss": _finite(record.loss),
+                    "loss": _finite(record.task_loss),
                     "lr": _finite(record.lr),
                     "measured_sparsity": _finite(record.measured_sparsity),
                     "metrics": {
+                        "train_loss": _finite(record.task_loss),
                         "task_loss": _finite(record.task_loss),
+                        "sparsity_penalty": _finite(record.loss - record.task_loss),
                         "sparsity_loss": _finite(record.sparsity_loss),
+                        "total_loss": _finite(record.loss),
                         "examples_per_second": _finite(record.examples_per_second),
                     },
                     "created_at": utcnow(),
@@ -143,6 +153,7 @@ class JobCallback:
     def on_eval(self, record: EvalRecord) -> bool | None:
         self.alive()
         with self._lock:
+            self._last_eval = record
             self._measured = _finite(record.measured_sparsity)
             metrics = {k: _finite(v) for k, v in record.metrics.items()}
             self._metrics.append(
@@ -183,16 +194,15 @@ class JobCallback:
     def on_checkpoint(self, record: CheckpointRecord) -> bool | None:
         self.alive()
         self.flush()
-        metrics = {k: _finite(v) for k, v in (record.metrics or {}).items()}
-        if record.measured_sparsity is not None:
-            metrics["measured_sparsity"] = _finite(record.measured_sparsity)
+        metrics = self._checkpoint_metrics(record)
         if self.stop_reason == "lost":
             self._go_on()  # raises JobLost: the row is another worker's now
         try:
             with session_scope(self.session_factory) as s:
-                jobstate.add_checkpoint(
+                if jobstate.add_checkpoint(
                     s, self.job_id, int(record.step), record.path, metrics, worker_id=self.worker_id
-                )
+                ):
+                    jobstate.forget_missing_checkpoints(s, self.job_id)
         except Exception:  # a lost row must not kill training; the files are on disk
             log.exception(
                 "job %s: could not record checkpoint at step %s", self.job_id, record.step
@@ -242,6 +252,36 @@ class JobCallback:
         if self.stop_seen_at is None:
             self.stop_seen_at = self.clock()
 
+    def _checkpoint_metrics(self, record: CheckpointRecord) -> dict[str, float | None]:
+        """OpenAI's checkpoint metrics (step, train_loss, valid_loss) for THIS step, plus
+        the task metrics and measured sparsity of its evaluation. (The engine's record
+        carries the best evaluation so far, which may be another step's.)"""
+        last, ev = self.last_step, self._last_eval
+        out: dict[str, float | None] = {"step": float(record.step)}
+        if last is not None and last.step == record.step:
+            out["train_loss"] = _finite(last.task_loss)
+        vals = (
+            {k: _finite(v) for k, v in ev.metrics.items()}
+            if ev is not None and ev.step == record.step
+            else {}  # a stop checkpoint between evaluations has no evaluation of its own
+        )
+        if "eval_loss" in vals:
+            out["valid_loss"] = out["full_valid_loss"] = vals.pop("eval_loss")
+        out.update(vals)
+        if record.measured_sparsity is not None:
+            out["measured_sparsity"] = _finite(record.measured_sparsity)
+        return out
+
+    def set_phase(self, phase: str, eta_seconds: float | None = None) -> None:
+        """Packaging moved on to ``phase``; the next flush writes it with its ETA."""
+        with self._lock:
+            self.phase = phase
+            self.phase_finish = (
+                utcnow() + timedelta(seconds=float(eta_seconds))
+                if eta_seconds is not None
+                else utcnow()
+            )
+
     # --- writing -----------------------------------------------------------------------
 
     def add_event(self, message: str, level: str = "info", data: dict | None = None) -> None:
@@ -267,9 +307,11 @@ class JobCallback:
                     *events,
                     {
                         "message": (
-                            f"Step {last.step}/{last.total_steps}: training loss={last.loss:.4f}"
+                            f"Step {last.step}/{last.total_steps}: train loss (task) "
+                            f"{last.task_loss:.4f}, sparsity penalty "
+                            f"{last.loss - last.task_loss:.4f}, total {last.loss:.4f}"
                             + (
-                                f", measured sparsity={self._measured:.3f}"
+                                f"; measured sparsity {self._measured:.3f}"
                                 if self._measured is not None
                                 else ""
                             )
@@ -278,13 +320,20 @@ class JobCallback:
                         "data": {
                             "step": last.step,
                             "total_steps": last.total_steps,
-                            "train_loss": _finite(last.loss),
+                            "train_loss": _finite(last.task_loss),
+                            "sparsity_penalty": _finite(last.loss - last.task_loss),
+                            "total_loss": _finite(last.loss),
                             "lr": _finite(last.lr),
                         },
                         "created_at": utcnow(),
                     },
                 ]
             eta = _finite(last.eta_seconds) if last is not None else None
+            finish = (
+                self.phase_finish
+                if self.phase != "training"
+                else (utcnow() + timedelta(seconds=eta) if eta is not None else None)
+            )
             try:
                 with session_scope(self.session_factory) as s:
                     ack = jobstate.record_progress(
@@ -296,12 +345,11 @@ class JobCallback:
                         trained_tokens=int(last.tokens)
                         if last is not None and last.tokens
                         else None,
-                        estimated_finish=(utcnow() + timedelta(seconds=eta))
-                        if eta is not None
-                        else None,
+                        estimated_finish=finish,
                         measured_sparsity=self._measured,
                         events=events,
                         metrics=metrics,
+                        phase=self.phase,
                     )
             except Exception:
                 log.exception("job %s: progress write failed; keeping records", self.job_id)

@@ -14,6 +14,7 @@ loads fastapi, sqlalchemy or celery.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -35,6 +36,24 @@ def _auto_queues() -> str:
         return "cpu"
 
 
+class _DropLoadReport(logging.Filter):
+    """transformers' per-load table: a job's base model always gets a new task head, so
+    the table says nothing a user can act on; real load errors still raise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def _quiet_start() -> None:
+    """No start-up warnings a user cannot act on. Celery warns about running as root
+    because a pickle message could run code; this service's Celery accepts JSON only
+    (api/queue.py), which is what the warning asks for."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"You're running the worker with superuser")
+    logging.getLogger("transformers.modeling_utils").addFilter(_DropLoadReport())
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = apply_data_dir(args.data_dir)
     queues = _auto_queues() if args.queues == "auto" else args.queues
@@ -49,6 +68,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from api.queue import broker_url_for
     from worker.celery_app import get_app
 
+    _quiet_start()
     app = get_app(settings)
     broker = broker_url_for(settings)
     shown = broker.split("@")[-1] if "@" in broker else broker

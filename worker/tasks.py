@@ -17,7 +17,6 @@ import fcntl
 import gc
 import logging
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -31,12 +30,13 @@ from typing import TYPE_CHECKING, Any, cast
 from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutting_down
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import jobstate
-from api.db.models import File, Job, utcnow
+from api.db.models import Checkpoint, File, FineTunedModel, Job, utcnow
 from api.db.session import make_sessionmaker, session_scope
+from api.model_ids import checkpoint_model_id, fine_tuned_model_id
 from api.queue import TASK_RUN_JOB, Publish, publish
 from api.redact import internal_error_message, reference_id, scrub
 from api.storage import LocalStorage
@@ -123,27 +123,6 @@ class RunDirLock:
             self._fd = None
 
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def fine_tuned_model_id(base: str, suffix: str | None, job_id: str) -> str:
-    """OpenAI-style ``ft:<base>:<suffix>:<job id part>`` (``ft:<base>:<job id part>`` without
-    a suffix). A base given as a folder path contributes only its last part; characters
-    that would break a URL path segment become ``-``."""
-    base_part = Path(base).name if ("/" in base or os.sep in base) and Path(base).name else base
-    base_part = _SAFE.sub("-", base_part).strip("-") or "model"
-    # the job id's whole random part (24 characters, case kept): models.id is unique
-    # across tenants, so 8 characters could collide, and only once training had finished
-    short = job_id.split("-", 1)[-1]
-    parts = ["ft", base_part]
-    if suffix:
-        s = _SAFE.sub("-", suffix).strip("-")
-        if s:
-            parts.append(s)
-    parts.append(short)
-    return ":".join(parts)
-
-
 @dataclass
 class JobOutcome:
     """What happened to one delivery of a job (returned for tests and logs)."""
@@ -184,6 +163,12 @@ def _package(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str, An
             log.error("job %s packaging %s (%s):\n%s", cb.job_id, event.phase, ref,
                       data.pop("traceback"))  # fmt: skip
             data["reference"] = ref
+        phase = (data or {}).get("phase")
+        if phase:  # a phase opens: progress.phase and its ETA go out with this event
+            cb.set_phase(str(phase), (data or {}).get("eta_seconds"))
+            cb.add_event(scrub(event.message), level=event.level, data=data or None)
+            cb.flush()
+            return
         cb.add_event(scrub(event.message), level=event.level, data=data or None)
         if event.level != "error":
             cb.alive()
@@ -212,6 +197,94 @@ def _remove_stale_staging(artifact_dir: Path) -> None:
     job's artifact is alive."""
     for p in artifact_dir.parent.glob(f".{artifact_dir.name}.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _package_checkpoints(
+    job: Job,
+    run_dir: Path,
+    settings: Settings,
+    factory: sessionmaker[Session],
+    cb: JobCallback,
+    main_rel: Path,
+    main_summary: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Each checkpoint still on disk as a usable model: pruned now (no ONNX, no report)
+    into ``artifacts/<job>.ckpt-step-N``; the one the final model came from shares the
+    model's artifact. Returns the models rows to register with the job's success. A
+    checkpoint that cannot be pruned is dropped from the list with a warning."""
+    from core.errors import FineGatesError
+    from core.package import build_checkpoint_artifact
+    from core.rundir import RunDir
+
+    with session_scope(factory) as s:
+        jobstate.forget_missing_checkpoints(s, job.id)
+        ckpts = [
+            (c.id, c.step, c.path)
+            for c in s.execute(
+                select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step)
+            ).scalars()
+        ]
+    if not ckpts:
+        return []
+    final_step = RunDir(run_dir).read_final_info()[1].get("step")
+    todo = [c for c in ckpts if c[1] != final_step]
+    if todo:
+        cb.set_phase("pruning")
+        cb.add_event(f"Pruning {len(todo)} checkpoint(s) so each can be downloaded and served")
+        cb.flush()
+    out = []
+    for ck_id, step, path in ckpts:
+        model_id = checkpoint_model_id(job.model, job.suffix, job.id, step)
+        if step == final_step:
+            summary = {**main_summary, "checkpoint_step": step, "same_as": "final model"}
+            out.append({"id": model_id, "artifact_dir": str(main_rel), "summary": summary})
+            continue
+        rel = main_rel.with_name(f"{main_rel.name}.ckpt-step-{step}")
+        try:
+            res = build_checkpoint_artifact(run_dir, path, settings.data_path / rel)
+        except (FineGatesError, OSError, RuntimeError, ValueError) as exc:
+            log.warning("job %s: checkpoint %s could not be pruned", job.id, step, exc_info=True)
+            cb.add_event(
+                f"Checkpoint at step {step} could not be pruned ({type(exc).__name__}); "
+                "it is not listed",
+                level="warning",
+            )
+            with session_scope(factory) as s:
+                s.execute(delete(Checkpoint).where(Checkpoint.id == ck_id))
+                s.commit()
+            continue
+        summary = {**res.summary(), "checkpoint_step": step}
+        out.append({"id": model_id, "artifact_dir": str(rel), "summary": summary})
+    return out
+
+
+def _register_checkpoints(
+    factory: sessionmaker[Session], job: Job, models: list[dict[str, Any]]
+) -> None:
+    """The checkpoints' models rows (after the job's own, which finish_succeeded wrote)."""
+    if not models:
+        return
+    with session_scope(factory) as s:
+        known = set(
+            s.execute(
+                select(FineTunedModel.id).where(FineTunedModel.id.in_([m["id"] for m in models]))
+            ).scalars()
+        )
+        for m in models:
+            if m["id"] in known:
+                continue
+            s.add(
+                FineTunedModel(
+                    id=m["id"],
+                    tenant_id=job.tenant_id,
+                    job_id=job.id,
+                    base_model=job.model,
+                    task=job.task,
+                    artifact_dir=m["artifact_dir"],
+                    summary=m["summary"],
+                )
+            )
+        s.commit()
 
 
 def _free_memory() -> None:
@@ -352,9 +425,15 @@ def _run_claimed(
 
         # train() leaves measured_sparsity None only when stopped before any evaluation
         sparsity = float(cast(float, result.measured_sparsity))
+        target = (job.hyperparameters or {}).get("target_sparsity")
+        if target is None:
+            target = job.target_sparsity
+        reached = "reached" if result.target_reached else "MISSED"
+        aim = f", target {float(target):.3f} {reached}" if target is not None else ""
         cb.add_event(
             f"Training finished ({result.status}) after {result.steps} steps; measured "
-            f"sparsity {sparsity:.3f}"
+            f"sparsity {sparsity:.3f}{aim}",
+            level="info" if result.target_reached else "warning",
         )
         artifact_rel = Path("artifacts") / job_id
         cb.check_stop()
@@ -363,15 +442,23 @@ def _run_claimed(
         _remove_stale_staging(settings.data_path / artifact_rel)
         summary = _package(run_dir, settings.data_path / artifact_rel, cb)
         summary.setdefault("measured_sparsity", sparsity)
-        target = (job.hyperparameters or {}).get("target_sparsity")
-        if target is None:
-            target = job.target_sparsity
         summary["target_sparsity"] = target
+        summary.setdefault("target_reached", bool(result.target_reached))
+        checkpoints = _package_checkpoints(
+            job, run_dir, settings, factory, cb, artifact_rel, summary
+        )
+        for warning in summary.get("warnings") or []:
+            cb.add_event(warning, level="warning")
         cb.flush()
         if cb.stop_reason is not None:  # cancelled or reaped while pruning
             return _stopped(job_id, cb, factory, me, enqueue, settings)
 
         ft_id = fine_tuned_model_id(job.model, job.suffix, job_id)
+        done = f"Job succeeded; model {ft_id} is ready"
+        if summary.get("summary"):
+            done += f". {summary['summary']}"
+        if summary.get("target_reached") is False:
+            done += " Target sparsity NOT reached (see the warnings)."
         last = cb.last_step
         with session_scope(factory) as s:
             ok = jobstate.finish_succeeded(
@@ -383,9 +470,11 @@ def _run_claimed(
                 trained_tokens=int(last.tokens) if last is not None and last.tokens else None,
                 measured_sparsity=sparsity,
                 compression=summary,
+                message=done,
             )
         if not ok:
             return JobOutcome("lost", "the job left this worker before it could finish")
+        _register_checkpoints(factory, job, checkpoints)
         return JobOutcome("succeeded", ft_id, {"summary": summary, "steps": result.steps})
     except StopRequested:
         cb.flush()

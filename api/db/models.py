@@ -172,6 +172,8 @@ class Job(Base):
     # and since when publishing it has failed without a success (migration 0003).
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     publish_failed_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # training | pruning | exporting | measuring while running (migration 0004_results)
+    phase: Mapped[str | None] = mapped_column(String(16))
 
 
 class JobEvent(Base):

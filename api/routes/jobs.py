@@ -33,6 +33,7 @@ from api.deps import (
 )
 from api.errors import APIError, not_found
 from api.limits import check_active_jobs, check_job_size, limits_for, tenant_lock
+from api.model_ids import checkpoint_model_id
 from api.schemas import (
     CheckpointObject,
     CountedPage,
@@ -71,6 +72,8 @@ def job_object(job: Job, queue_position: int | None = None) -> JobObject:
     eta = None
     if running and job.estimated_finish is not None:
         eta = max(0, int((job.estimated_finish - utcnow()).total_seconds()))
+    results = (job.compression or {}) if job.status == jobstate.SUCCEEDED else {}
+    reached = results.get("target_reached")
     error = None
     if job.error_code:
         error = JobError(
@@ -98,12 +101,21 @@ def job_object(job: Job, queue_position: int | None = None) -> JobObject:
         ),
         suffix=job.suffix,
         task=job.task,
-        progress=Progress(step=step, total_steps=total, percent=percent, eta_seconds=eta),
+        progress=Progress(
+            step=step,
+            total_steps=total,
+            percent=percent,
+            eta_seconds=eta,
+            phase=cast(Any, job.phase or "training") if running else None,
+        ),
         sparsity=Sparsity(target=job.target_sparsity, measured=job.measured_sparsity),
         compression=job.compression,
         queue_position=queue_position,
         attempts=job.attempts,
         cancel_requested=bool(job.cancel_requested),
+        target_reached=bool(reached) if reached is not None else None,
+        eval_metrics=results.get("eval_metrics"),
+        warnings=list(results.get("warnings") or []),
     )
 
 
@@ -475,10 +487,11 @@ def list_checkpoints(
         return CheckpointObject(
             id=c.id,
             created_at=int(c.created_at.timestamp()),
-            fine_tuned_model_checkpoint=f"ft:{job.model}:{job.id}:ckpt-step-{c.step}",
+            # usable as a model id once the job has succeeded (pruned then)
+            fine_tuned_model_checkpoint=checkpoint_model_id(job.model, job.suffix, job.id, c.step),
             fine_tuning_job_id=job.id,
             step_number=c.step,
-            metrics={"step": c.step, **(c.metrics or {})},
+            metrics={**(c.metrics or {}), "step": c.step},
         )
 
     cursor = pagination.cursor_key(

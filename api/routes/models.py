@@ -22,6 +22,7 @@ from sqlalchemy import select
 from api.db.models import FineTunedModel
 from api.deps import ModelDep, ModelRef, PrincipalDep, SessionDep, SettingsDep, base_models
 from api.errors import APIError
+from api.model_ids import CHECKPOINT_MARK, is_checkpoint_id
 from api.schemas import DeletedObject, ModelList, ModelObject
 from api.settings import Settings
 
@@ -47,15 +48,24 @@ def _base_object(entry: Any) -> ModelObject:
 
 
 def _finetuned_object(m: FineTunedModel) -> ModelObject:
+    s = m.summary or {}
+    reached = s.get("target_reached")
+    step = s.get("checkpoint_step")
     return ModelObject(
         id=m.id,
         created=int(m.created_at.timestamp()),
         owned_by=m.tenant_id,
-        kind="fine-tuned",
+        kind="checkpoint" if is_checkpoint_id(m.id) else "fine-tuned",
         task=m.task,
         base_model=m.base_model,
         job_id=m.job_id,
         compression=m.summary,
+        summary=s.get("summary"),
+        target_reached=bool(reached) if reached is not None else None,
+        eval_metrics=s.get("eval_metrics"),
+        warnings=list(s.get("warnings") or []),
+        checkpoint_step=int(step) if step is not None else None,
+        downloads=s.get("downloads"),
     )
 
 
@@ -69,9 +79,13 @@ def list_all_models(
     principal: PrincipalDep, session: SessionDep, settings: SettingsDep
 ) -> ModelList:
     data = [_base_object(e) for e in base_models(settings).values()]
+    # checkpoints are listed with their job (GET /v1/fine_tuning/jobs/{id}/checkpoints)
     rows = session.execute(
         select(FineTunedModel)
-        .where(FineTunedModel.tenant_id == principal.tenant_id)
+        .where(
+            FineTunedModel.tenant_id == principal.tenant_id,
+            ~FineTunedModel.id.contains(CHECKPOINT_MARK, autoescape=True),
+        )
         .order_by(FineTunedModel.pk.desc())
     ).scalars()
     data.extend(_finetuned_object(m) for m in rows)
@@ -99,25 +113,73 @@ def _tar_member_header(name: str, size: int, mtime: int) -> bytes:
     return info.tobuf(format=tarfile.PAX_FORMAT)
 
 
-def _tar_plan(root: Path) -> tuple[list[tuple[Path, bytes, int]], int]:
-    members: list[tuple[Path, bytes, int]] = []
-    total = 0
+# Left out of the default tar (each is a copy of the weights in another format):
+# ``include=onnx`` / ``include=hf`` add them back.
+_OPTIONAL = {"onnx": "model.onnx", "hf": "hf/"}
+
+
+def _left_out(rel: str, include: set[str]) -> bool:
+    return any(
+        key not in include and (rel == name or (name.endswith("/") and rel.startswith(name)))
+        for key, name in _OPTIONAL.items()
+    )
+
+
+def _download_manifest(root: Path, omitted: list[str]) -> bytes:
+    """manifest.json for a tar without ``omitted``: the same manifest without their
+    entries (so load_artifact's hash check passes on what was sent), saying what was
+    left out."""
+    data = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    files = data.get("files") or {}
+    for rel in omitted:
+        files.pop(rel, None)
+    if any(rel.startswith("hf/") for rel in omitted):
+        data["hf_subfolder"] = None
+    data["download_omitted"] = sorted({r.split("/", 1)[0] for r in omitted})
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+TarMember = tuple[Path | bytes, bytes, int]
+
+
+def _tar_plan(root: Path, include: set[str] | None = None) -> tuple[list[TarMember], int]:
+    """Members (a file, or bytes for a rewritten manifest) and the exact tar size.
+    ``include=None``: every file."""
+    paths, omitted = [], []
     for p in sorted(root.rglob("*")):
         if p.is_symlink() or not p.is_file():
             continue
+        rel = p.relative_to(root).as_posix()
+        if include is not None and _left_out(rel, include):
+            omitted.append(rel)
+        else:
+            paths.append((p, rel))
+    members: list[TarMember] = []
+    total = 0
+    for p, rel in paths:
         st = p.stat()
-        header = _tar_member_header(p.relative_to(root).as_posix(), st.st_size, int(st.st_mtime))
-        pad = (-st.st_size) % _BLOCK
-        members.append((p, header, st.st_size))
-        total += len(header) + st.st_size + pad
+        body: Path | bytes = p
+        size = st.st_size
+        if rel == "manifest.json" and omitted:
+            body = _download_manifest(root, omitted)
+            size = len(body)
+        header = _tar_member_header(rel, size, int(st.st_mtime))
+        members.append((body, header, size))
+        total += len(header) + size + (-size) % _BLOCK
     total += 2 * _BLOCK
     # tarfile pads the archive to a multiple of RECORDSIZE; readers do not need it.
     return members, total
 
 
-def _tar_stream(members: list[tuple[Path, bytes, int]]) -> Iterator[bytes]:
+def _tar_stream(members: list[TarMember]) -> Iterator[bytes]:
     for path, header, size in members:
         yield header
+        if isinstance(path, bytes):
+            yield path
+            pad = (-size) % _BLOCK
+            if pad:
+                yield b"\0" * pad
+            continue
         sent = 0
         with path.open("rb") as fh:
             while sent < size:
@@ -137,8 +199,11 @@ def download_artifact(
     ref: ModelDep,
     settings: SettingsDep,
     format: Annotated[str, Query(pattern="^(tar|safetensors|onnx)$")] = "tar",
+    include: Annotated[str, Query(pattern="^((onnx|hf|all)(,(onnx|hf|all))*)?$")] = "",
 ) -> Any:
-    """``format=tar`` (default): the whole artifact directory; ``safetensors``/``onnx``: one file."""
+    """``format=tar`` (default): weights, manifest, tokenizer and report (``include=onnx``,
+    ``include=hf`` or ``include=all`` add the ONNX file and the Hugging Face copy);
+    ``safetensors``/``onnx``: one file."""
     m = _finetuned_only(ref, "artifacts", "artifact_not_found")
     model_id = m.id
     root = artifact_path(m, settings)
@@ -170,7 +235,8 @@ def download_artifact(
             media_type="application/octet-stream",
             filename=f"{safe}.{format}",
         )
-    members, total = _tar_plan(root)
+    wanted = {x for x in include.split(",") if x}
+    members, total = _tar_plan(root, set(_OPTIONAL) if "all" in wanted else wanted)
     return StreamingResponse(
         _tar_stream(members),
         media_type="application/x-tar",
@@ -210,13 +276,33 @@ def delete_model(ref: ModelDep, session: SessionDep, settings: SettingsDep) -> D
             code="model_not_deletable",
         )
     m = ref.finetuned
-    root = artifact_path(m, settings)
-    session.delete(m)
+    # a model takes its checkpoints with it
+    doomed = [m]
+    if not is_checkpoint_id(m.id):
+        doomed += session.execute(
+            select(FineTunedModel).where(
+                FineTunedModel.tenant_id == m.tenant_id,
+                FineTunedModel.id.startswith(m.id + CHECKPOINT_MARK, autoescape=True),
+            )
+        ).scalars()
+    roots = {artifact_path(x, settings) for x in doomed}
+    for x in doomed:
+        session.delete(x)
     session.commit()
+    # A folder another model still uses stays (a checkpoint can share the final model's).
+    still_used = {
+        artifact_path(x, settings)
+        for x in session.execute(
+            select(FineTunedModel).where(
+                FineTunedModel.artifact_dir.in_([x.artifact_dir for x in doomed])
+            )
+        ).scalars()
+    }
     # Only delete folders inside the data directory; never an arbitrary absolute path.
     data = settings.data_path
-    if root.is_dir() and data in root.resolve().parents:
-        import shutil
+    for root in roots - still_used:
+        if root.is_dir() and data in root.resolve().parents:
+            import shutil
 
-        shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
     return DeletedObject(id=m.id, object="model", deleted=True)

@@ -36,7 +36,10 @@ def test_create_job_shape_and_enqueue(client, make_headers, enqueued):
     assert j["metadata"] == {"team": "nlp"}
     assert j["suffix"] == "demo"
     assert j["sparsity"] == {"target": 0.3, "measured": None}
-    assert j["progress"] == {"step": 0, "total_steps": None, "percent": None, "eta_seconds": None}
+    assert j["progress"] == {
+        "step": 0, "total_steps": None, "percent": None, "eta_seconds": None, "phase": None,
+    }  # fmt: skip
+    assert (j["target_reached"], j["eval_metrics"], j["warnings"]) == (None, None, [])
     assert j["method"]["type"] == "finegates"
     assert j["queue_position"] == 0
     assert j["error"] is None and j["fine_tuned_model"] is None

@@ -58,9 +58,17 @@ def test_build_publishes_a_complete_artifact_with_every_file_hashed(run_dir, tmp
     )
     assert [(e.phase, e.level) for e in events] == [
         ("prune", "info"),
+        ("prune", "info"),
+        ("onnx", "info"),
         ("onnx", "info"),
         ("report", "info"),
+        ("report", "info"),
     ]
+    # each phase opens with an event naming it (the job's progress.phase), the report's
+    # with an estimate of how long the measurement takes
+    opened = [e.data for e in events if e.data and "phase" in e.data]
+    assert [d["phase"] for d in opened] == ["pruning", "exporting", "measuring"]
+    assert opened[2]["eta_seconds"] is not None and opened[2]["eta_seconds"] >= 0
     assert json.loads((art / "report.json").read_text()) == json.loads(
         json.dumps(res.report, default=str)
     )
@@ -152,7 +160,7 @@ def test_a_failing_onnx_export_leaves_the_report_on_torch_only(run_dir, tmp_path
     monkeypatch.setattr(package, "export_onnx", broken)
     events: list[PackageEvent] = []
     res = build_artifact(run_dir, tmp_path / "art", on_event=events.append, **FAST)
-    assert [(e.phase, e.level) for e in events] == [
+    assert [(e.phase, e.level) for e in events if not (e.data and "phase" in e.data)] == [
         ("prune", "info"),
         ("onnx", "warning"),
         ("report", "info"),
@@ -168,9 +176,10 @@ def test_a_pruning_failure_raises_and_publishes_nothing(tmp_path):
     with pytest.raises(PruningError, match=r"pruning the trained model failed \(TrainingError"):
         build_artifact(tmp_path / "run", tmp_path / "art", on_event=events.append)
     assert [(e.phase, e.level, e.message) for e in events] == [
-        ("prune", "error", "Pruning traceback")
+        ("prune", "info", "Pruning the gated model"),
+        ("prune", "error", "Pruning traceback"),
     ]
-    assert "gated_model.json missing" in events[0].data["traceback"]
+    assert "gated_model.json missing" in events[1].data["traceback"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 

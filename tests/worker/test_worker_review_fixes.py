@@ -4,6 +4,7 @@ has its own code, and a tenant's model id never names a server folder."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,10 @@ def test_packaging_records_one_event_per_phase_and_publishes_a_fully_hashed_arti
     summary = out.data["summary"]
     assert summary["formats"] == ["tar", "safetensors", "onnx"] and summary["pruned"] is True
     assert summary["artifact_bytes"] == sum((art / n).stat().st_size for n in on_disk)
-    assert [p.name for p in art.parent.iterdir()] == [job_id]  # no staging folder left
+    # no staging folder left; checkpoints other than the final state have their own
+    names = sorted(p.name for p in art.parent.iterdir())
+    assert names[0] == job_id
+    assert all(re.fullmatch(rf"{job_id}\.ckpt-step-\d+", n) for n in names[1:]), names
 
 
 def test_a_failed_optional_phase_is_a_warning_and_the_job_succeeds(

@@ -98,7 +98,7 @@ def test_fine_tuned_model_id() -> None:
 # --- callback -----------------------------------------------------------------------------
 
 
-def test_callback_batches_and_flushes_on_eval_and_checkpoint(sessions, settings) -> None:
+def test_callback_batches_and_flushes_on_eval_and_checkpoint(sessions, settings, tmp_path) -> None:
     from worker.callback import JobCallback
 
     job_id = make_job(sessions, settings)
@@ -132,10 +132,17 @@ def test_callback_batches_and_flushes_on_eval_and_checkpoint(sessions, settings)
         EvalRecord(step=11, total_steps=100, metrics={"accuracy": 0.75}, measured_sparsity=0.3)
     )
     assert cb.flushes == 3 and n_metrics() == 12  # evaluations flush at once
-    cb.on_checkpoint(CheckpointRecord(step=11, path="/runs/x/checkpoints/step-11"))
+    ck_dir = tmp_path / "checkpoints" / "step-11"
+    ck_dir.mkdir(parents=True)
+    cb.on_checkpoint(CheckpointRecord(step=11, path=str(ck_dir), measured_sparsity=0.3))
     with session_scope(sessions) as s:
         ck = s.execute(select(Checkpoint).where(Checkpoint.job_id == job_id)).scalar_one()
         assert ck.step == 11
+        # this step's own losses and evaluation, in OpenAI's names
+        assert ck.metrics == {
+            "step": 11.0, "train_loss": step(11).task_loss, "accuracy": 0.75,
+            "measured_sparsity": 0.3,
+        }  # fmt: skip
         evals = s.execute(
             select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.kind == "eval")
         ).scalar_one()
