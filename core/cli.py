@@ -46,7 +46,9 @@ def parse_hp(pairs: list[str] | None) -> dict[str, Any]:
 
 
 class ProgressBar:
-    """tqdm bar: loss, measured sparsity (at the last eval) and ETA."""
+    """tqdm bar: the task loss, the sparsity penalty (and distillation) apart, measured
+    sparsity (at the last eval) and ETA. The total is not shown: it includes the weighted
+    penalty and would read as divergence while the gates close."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
@@ -62,7 +64,7 @@ class ProgressBar:
     def on_step(self, r: StepRecord) -> None:
         self._ensure(r.total_steps, r.step)
         if self.bar is not None:
-            post = {"loss": f"{r.loss:.4f}", "task": f"{r.task_loss:.4f}"}
+            post = {"loss": f"{r.task_loss:.4f}", "penalty": f"{r.loss - r.task_loss:.4f}"}
             if r.measured_sparsity is not None:
                 post["sparsity"] = f"{r.measured_sparsity:.3f}"
             if r.eta_seconds is not None:
