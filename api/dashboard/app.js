@@ -91,9 +91,11 @@ const plotReady = () => typeof window.Plotly !== "undefined";
 const PLOT_CFG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
 function plot(el, data, layout) {
   if (!plotReady()) { el.textContent = "The charting library did not load."; return; }
+  // react() redraws only what changed; the revision tells it that the arrays grew
+  el._rev = (el._rev || 0) + 1;
   window.Plotly.react(el, data, Object.assign({
-    margin: { l: 50, r: 16, t: 30, b: 40 }, legend: { orientation: "h", y: -0.2 },
-    font: { size: 11 },
+    margin: { l: 50, r: 16, t: 30, b: 70 }, legend: { orientation: "h", y: -0.3 },
+    font: { size: 11 }, datarevision: el._rev,
   }, layout), PLOT_CFG);
 }
 
@@ -572,6 +574,7 @@ function newJobView(root) {
     batch_size: num("batch_size", "", { min: "1", placeholder: "auto" }),
     learning_rate: num("learning_rate", "", { step: "any", placeholder: "auto" }),
     max_length: num("max_length", "", { min: "8", placeholder: "auto" }),
+    eval_interval: num("eval_interval", "", { min: "1", placeholder: "auto" }),
   };
   const trainable = h("select", { id: "trainable", name: "trainable" }, ["gates", "gates+lora", "gates+weights"].map((t) => h("option", { value: t }, t)));
   const suffix = h("input", { id: "suffix", name: "suffix", maxlength: "40", placeholder: "optional, e.g. reviews" });
@@ -588,7 +591,8 @@ function newJobView(root) {
       label("Target sparsity", fields.target_sparsity, "share of the gated weights physically removed"),
       label("Trainable", trainable), label("Suffix", suffix)),
     h("div", { class: "row" }, label("Max steps", fields.max_steps), label("Epochs", fields.n_epochs),
-      label("Batch size", fields.batch_size), label("Gate learning rate", fields.learning_rate), label("Max length", fields.max_length)),
+      label("Batch size", fields.batch_size), label("Gate learning rate", fields.learning_rate), label("Max length", fields.max_length),
+      label("Evaluate every", fields.eval_interval, "steps")),
     submit, err);
   root.append(h("div", { class: "card" }, form));
   api("GET", "/v1/models").then((r) => {
