@@ -146,7 +146,9 @@ def test_dashboard_drives_a_job(stack: Any, reviews: bytes, browser: Any) -> Non
     metric_calls = [u for u in requests if f"/jobs/{job_id}/metrics" in u]
     with_cursor = [i for i, u in enumerate(metric_calls) if "after=ftmetric-" in u]
     assert with_cursor and with_cursor == list(range(with_cursor[0], len(metric_calls)))
-    assert not [u for u in requests if not u.startswith(stack.base_url) and not u.startswith("blob:")]
+    assert not [
+        u for u in requests if not u.startswith(stack.base_url) and not u.startswith("blob:")
+    ]
     assert all(stack.key not in u for u in requests)
     page.wait_for_selector("#events li")
     assert "Created fine-tuning job" in page.inner_text("#events")
