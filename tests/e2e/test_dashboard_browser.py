@@ -72,6 +72,7 @@ def _drop_file(page: Any, zone: str, name: str, text: str) -> None:
 
 def _new_job(page: Any, stack: Any, reviews: bytes, **hp: str) -> str:
     page.click("a[data-nav=new]")
+    page.wait_for_selector("#training-file-drop")
     _drop_file(page, "#training-file-drop", "reviews.jsonl", reviews.decode())
     page.wait_for_selector("#training-file-status:has-text('validated')")
     page.select_option("#model", stack.tiny_model)
@@ -112,6 +113,7 @@ def test_dashboard_drives_a_job(stack: Any, reviews: bytes, browser: Any) -> Non
 
     # --- a bad file: the line number is shown
     page.click("a[data-nav=new]")
+    page.wait_for_selector("#training-file-drop")
     bad = '{"text": "fine", "label": "positive"}\n{"text": "broken"\n'
     _drop_file(page, "#training-file-drop", "bad.jsonl", bad)
     err = page.wait_for_selector("#training-file-error:not([hidden])")
@@ -187,4 +189,47 @@ def test_dashboard_drives_a_job(stack: Any, reviews: bytes, browser: Any) -> Non
     # the only console errors allowed are the refused sign-in's 401 and a 404 for a missing
     # ONNX/base answer; nothing from the page's own code
     assert not [c for c in errors if "pageerror" in c], errors
+    ctx.close()
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_playground_chat_streams_from_both_models(stack: Any, browser: Any, tmp_path: Path) -> None:
+    """A decoder job (tiny Llama, causal_lm): the playground streams a chat answer from
+    the fine-tuned model and from its dense base, each with its time."""
+    import json
+
+    from core.catalog import register_model
+    from tests.support.tiny_models import save_tiny_llama
+
+    register_model("tiny-llama-e2e", save_tiny_llama(tmp_path / "llama"), stack.settings.data_path)
+    stack.tiny_model = "tiny-llama-e2e"
+    chats = [
+        {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+        for w in ["yes", "no", "maybe", "sure"] * 6
+    ]
+    data = "".join(json.dumps(c) + "\n" for c in chats).encode()
+    ctx = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
+    page = ctx.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(stack.base_url + "/#/new")
+    page.fill("input[name=api_key]", stack.key)
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#new-job-form")
+    job_id = _new_job(page, stack, data, max_steps="6", batch_size="4", eval_interval="3")
+    job = stack.wait_job(job_id, timeout=JOB_WAIT_MS / 1000)
+    assert job["status"] == "succeeded", (job, stack.worker_log())
+    page.wait_for_selector("#job-head .badge.succeeded")
+    assert "causal_lm" in page.inner_text("#job-head")
+    page.fill("#play-input", "say yes")
+    page.click("#play-run")
+    for side in ("finetuned", "base"):
+        page.wait_for_function(
+            f"() => /ms in all/.test(document.querySelector('[data-model={side}] .time')?.innerText || '')",
+            timeout=120_000,
+        )
+        assert not page.locator(f"[data-model={side}] .error").count(), page.inner_text(
+            f"[data-model={side}]"
+        )
+    _shot(page, "playground-chat")
+    assert stack.get_job(job_id)["status"] == "succeeded"
     ctx.close()
