@@ -93,6 +93,17 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str, last: str | None = None) -> int:
+    """The API's JSON (--json) or the human text, then the id scripts read (last line)."""
+    if getattr(args, "json", False):
+        _print_json(obj)
+    else:
+        print(text)
+    if last is not None:
+        print(last)
+    return 0
+
+
 # ----------------------------------------------------------------------------- files
 class _ProgressReader:
     """A file object that advances a progress bar as httpx reads it for the request body."""
@@ -118,13 +129,9 @@ def cmd_files_upload(args: argparse.Namespace) -> int:
             c, "POST", "/files", data={"purpose": args.purpose},
             files={"file": (path.name, _ProgressReader(fh, bar), "application/octet-stream")},
         )  # fmt: skip
-    if args.json:
-        _print_json(f)
-    else:
-        rows = f" · {f['n_rows']} rows" if f.get("n_rows") is not None else ""
-        print(f"validated {f['filename']}: {f.get('format') or '?'}, task {f.get('task')}{rows}")
-    print(f["id"])
-    return 0
+    rows = f" · {f['n_rows']} rows" if f.get("n_rows") is not None else ""
+    text = f"validated {f['filename']}: {f.get('format') or '?'}, task {f.get('task')}{rows}"
+    return _emit(args, f, text, last=f["id"])
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -156,12 +163,8 @@ def cmd_jobs_create(args: argparse.Namespace) -> int:
         body["suffix"] = args.suffix
     with _client(args) as c:
         job = _request(c, "POST", "/fine_tuning/jobs", json=body)
-    if args.json:
-        _print_json(job)
-    else:
-        print(f"created {job['id']} ({job['task']} on {job['model']}): {job['status']}")
-    print(job["id"])
-    return 0
+    text = f"created {job['id']} ({job['task']} on {job['model']}): {job['status']}"
+    return _emit(args, job, text, last=job["id"])
 
 
 def _pct(x: float | None) -> str:
@@ -227,24 +230,14 @@ def _describe_job(j: dict[str, Any]) -> list[str]:
 def cmd_jobs_get(args: argparse.Namespace) -> int:
     with _client(args) as c:
         job = _request(c, "GET", f"/fine_tuning/jobs/{args.job_id}")
-    if args.json:
-        _print_json(job)
-    else:
-        print("\n".join(_describe_job(job)))
-    return 0
+    return _emit(args, job, "\n".join(_describe_job(job)))
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     with _client(args) as c:
         job = _request(c, "POST", f"/fine_tuning/jobs/{args.job_id}/cancel")
-    if args.json:
-        _print_json(job)
-    else:
-        print(
-            f"{job['id']}: {job['status']}"
-            + (" (cancel requested)" if job.get("cancel_requested") else "")
-        )
-    return 0
+    requested = " (cancel requested)" if job.get("cancel_requested") else ""
+    return _emit(args, job, f"{job['id']}: {job['status']}{requested}")
 
 
 def _summary_lines(c: Any, job: dict[str, Any]) -> list[str]:
