@@ -179,6 +179,9 @@ def register(subparsers: Any) -> None:
     mr.add_argument("path", help="a folder with config.json, safetensors weights, tokenizer")
     add_data_dir_arg(mr)
     mr.set_defaults(func=cmd_models_register)
+    from api import client_cli  # files, jobs, models download: the REST client
+
+    client_cli.register(subparsers, msub)
 
     sp = subparsers.add_parser("serve-inference", help="run the inference API alone")
     sp.add_argument("--host", default="127.0.0.1")

@@ -46,6 +46,7 @@ class EvalRecord:
     removable_params: int = 0
     gated_params: int = 0
     is_best: bool = False
+    gates: dict[str, Any] | None = None  # core.gatemap snapshot: heads/neurons kept per layer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

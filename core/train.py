@@ -31,6 +31,7 @@ from torch import nn
 
 from core import __version__ as ENGINE_VERSION
 from core import checkpoint as ckpt
+from core import gatemap
 from core.callbacks import CallbackList, CheckpointRecord, EvalRecord, StepRecord, TrainerCallback
 from core.config import Hyperparameters, JobConfig
 from core.distill import kl_loss, teacher_logits
@@ -291,6 +292,7 @@ class _Loop:
             removable_params=sp["removable_params"],
             gated_params=sp["gated_params"],
             is_best=is_best,
+            gates=gatemap.snapshot(self.model, p.step),
         )
         row = {"step": p.step, "epoch": round(p.step / max(1, sch.steps_per_epoch), 4), **m}
         row.update(

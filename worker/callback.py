@@ -37,6 +37,7 @@ from api import jobstate
 from api.db.models import utcnow
 from api.db.session import session_scope
 from core.callbacks import CheckpointRecord, EvalRecord, StepRecord
+from core.gatemap import METRICS_KEY as GATES_KEY
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,8 @@ class JobCallback:
                     "loss": metrics.get("eval_loss"),
                     "lr": None,
                     "measured_sparsity": self._measured,
-                    "metrics": metrics,
+                    # the gate map rides on the eval point; GET .../gates serves it
+                    "metrics": {**metrics, GATES_KEY: record.gates} if record.gates else metrics,
                     "created_at": utcnow(),
                 }
             )

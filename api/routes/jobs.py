@@ -522,7 +522,7 @@ def _metric_point(m: JobMetric) -> MetricPoint:
         loss=m.loss,
         lr=m.lr,
         measured_sparsity=m.measured_sparsity,
-        metrics=m.metrics or {},
+        metrics={k: v for k, v in (m.metrics or {}).items() if k != "gates"},  # see routes/gates
     )
 
 

@@ -33,8 +33,12 @@ COMMANDS = {
     "db",
     "models",
     "serve-inference",
+    "files",  # the REST client (api/client_cli.py)
+    "jobs",
 }
 SUBCOMMANDS = [("keys", "create"), ("db", "upgrade"), ("models", "register")]
+SUBCOMMANDS += [("files", "upload"), ("models", "download")]
+SUBCOMMANDS += [("jobs", c) for c in ("create", "list", "get", "cancel", "watch")]
 
 
 def _finegates(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
