@@ -85,6 +85,9 @@ def create_app(
     app.include_router(files.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(inference.router, prefix="/v1")
+    from api.routes import webhooks
+
+    app.include_router(webhooks.router, prefix="/v1")
     # Last: its /models/{model_id:path} routes match any path under /models.
     app.include_router(models.router, prefix="/v1")
 

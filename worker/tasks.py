@@ -380,11 +380,16 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     except Exception:
         queues = ["cpu", "gpu"]
     start_reaper(settings, session_factory_for(settings), queues=queues)
+    from worker.webhooks import start_dispatcher
+
+    start_dispatcher(settings, session_factory_for(settings))  # signed job-end webhooks
 
 
 @worker_shutting_down.connect
 def _on_worker_shutting_down(**_: Any) -> None:
     SHUTDOWN.set()
     from worker.reaper import stop_reaper
+    from worker.webhooks import stop_dispatcher
 
     stop_reaper()
+    stop_dispatcher()

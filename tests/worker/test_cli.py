@@ -30,11 +30,20 @@ COMMANDS = {
     "api",
     "worker",
     "keys",
+    "tenants",
     "db",
     "models",
     "serve-inference",
 }
-SUBCOMMANDS = [("keys", "create"), ("db", "upgrade"), ("models", "register")]
+SUBCOMMANDS = [
+    ("keys", "create"),
+    ("keys", "list"),
+    ("keys", "revoke"),
+    ("keys", "rotate"),
+    ("tenants", "update"),
+    ("db", "upgrade"),
+    ("models", "register"),
+]
 
 
 def _finegates(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
