@@ -82,7 +82,7 @@ def check_url(url: str, allow_private: bool) -> None:
     except (socket.gaierror, UnicodeError):
         raise WebhookURLError(f"the host '{host}' does not resolve") from None
     for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if _blocked(ip):
             raise WebhookURLError(
                 f"the host '{host}' resolves to a loopback or private address; webhooks go "

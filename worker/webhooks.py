@@ -141,7 +141,7 @@ def dispatch_once(
         ).all()
         for d, hook in due:
             # claim the attempt: push next_attempt_at so a second worker skips it
-            claimed = s.execute(
+            claimed = s.execute(  # type: ignore[attr-defined]
                 update(WebhookDelivery)
                 .where(
                     WebhookDelivery.pk == d.pk,
