@@ -483,3 +483,50 @@ def declare_error_responses(app: Any) -> None:
         return schema
 
     app.openapi = openapi
+
+
+# ---------------------------------------------------------------- fair share of workers
+
+
+def fair_share_pick(session: Session, job: Job) -> str | None:
+    """The queued job that should run instead of ``job`` (None: ``job`` itself).
+
+    The broker is first-in first-out, so one tenant's 100 queued jobs would run before
+    another tenant's first. Whichever message a worker receives, it runs the oldest queued
+    job (same queue) of the tenant with the fewest running jobs, least recently served
+    first (its latest start), and the message's own job is re-published. Within one
+    tenant, the oldest queued job goes first (a re-published message cannot reorder
+    them). So a tenant's first job waits behind at most the job a worker
+    is already running.
+    """
+    from sqlalchemy.orm import aliased
+
+    from api import jobstate
+
+    other = aliased(Job)
+    running = (
+        select(func.count())
+        .select_from(other)
+        .where(other.tenant_id == Job.tenant_id, other.status == jobstate.RUNNING)
+        .correlate(Job)
+        .scalar_subquery()
+    )
+    last_start = (
+        select(func.max(other.started_at))
+        .where(other.tenant_id == Job.tenant_id)
+        .correlate(Job)
+        .scalar_subquery()
+    )
+    row = session.execute(
+        select(Job.id, Job.tenant_id)
+        .where(
+            Job.queue == job.queue,
+            Job.status == jobstate.QUEUED,
+            Job.cancel_requested.is_not(True),
+        )
+        .order_by(running.asc(), last_start.asc().nulls_first(), Job.pk.asc())
+        .limit(1)
+    ).first()
+    if row is None or row.id == job.id:
+        return None
+    return str(row.id)
