@@ -168,18 +168,28 @@ _stop = threading.Event()
 def start_dispatcher(
     settings: Settings, factory: sessionmaker[Session], interval_s: float = 5.0
 ) -> None:
-    """Run dispatch_once every ``interval_s`` in a daemon thread (one per process)."""
+    """Run dispatch_once every ``interval_s`` (and the retention sweep hourly) in a daemon
+    thread (one per process)."""
     global _thread
     if _thread is not None and _thread.is_alive():
         return
     _stop.clear()
 
     def loop() -> None:
+        from worker.retention import sweep
+
+        next_sweep = 0.0
         while not _stop.wait(interval_s):
             try:
                 dispatch_once(settings, factory)
             except Exception:
                 log.exception("webhook dispatch failed; retrying in %.0f s", interval_s)
+            if time.monotonic() >= next_sweep:  # retention, hourly (worker/retention.py)
+                next_sweep = time.monotonic() + 3600
+                try:
+                    sweep(settings, factory)
+                except Exception:
+                    log.exception("retention sweep failed")
 
     _thread = threading.Thread(target=loop, name="finegates-webhooks", daemon=True)
     _thread.start()

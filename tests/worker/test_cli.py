@@ -29,6 +29,7 @@ COMMANDS = {
     "serve",
     "api",
     "worker",
+    "cleanup",
     "keys",
     "tenants",
     "db",
