@@ -27,16 +27,16 @@ EventType = Literal[
 MAX_WEBHOOKS_PER_TENANT = 20
 
 
-class WebhookCreate(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+
+class WebhookCreate(_Strict):
     url: str = Field(min_length=1, max_length=2048)
     events: list[EventType] | None = Field(None, min_length=1, max_length=len(EVENT_TYPES))
 
 
-class WebhookObject(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class WebhookObject(_Strict):
     id: str
     object: Literal["webhook"] = "webhook"
     url: str
@@ -45,25 +45,19 @@ class WebhookObject(BaseModel):
     secret: str | None = None  # only in the answer to the create call
 
 
-class WebhookList(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class WebhookList(_Strict):
     object: Literal["list"] = "list"
     data: list[WebhookObject]
 
 
-class DeliveryAttempt(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DeliveryAttempt(_Strict):
     at: int
     status_code: int | None = None
     error: str | None = None
     duration_ms: int | None = None
 
 
-class DeliveryObject(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DeliveryObject(_Strict):
     id: str
     object: Literal["webhook.delivery"] = "webhook.delivery"
     webhook_id: str
@@ -76,16 +70,12 @@ class DeliveryObject(BaseModel):
     payload: dict[str, Any]
 
 
-class DeliveryList(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DeliveryList(_Strict):
     object: Literal["list"] = "list"
     data: list[DeliveryObject]
 
 
-class WebhookDeleted(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class WebhookDeleted(_Strict):
     id: str
     object: Literal["webhook"] = "webhook"
     deleted: bool
