@@ -74,11 +74,12 @@ def create_app(
     hooks: list[Callable[[], Any]] = []
     app.state.shutdown_hooks = hooks
     install_error_handlers(app)
-    from api.limits import InferenceSlots, RateLimiter, RequestGuard
+    from api.limits import InferenceSlots, RateLimiter, RequestGuard, declare_error_responses
 
     app.state.rate_limiter = RateLimiter(settings)
     app.state.inference_slots = InferenceSlots()
     app.add_middleware(RequestGuard, settings=settings)
+    declare_error_responses(app)
 
     from api.routes import files, inference, jobs, models
 
@@ -89,6 +90,10 @@ def create_app(
 
     app.include_router(gates.router, prefix="/v1")
     app.include_router(dashboard.router)  # the web dashboard at /
+
+    from api.routes import webhooks
+
+    app.include_router(webhooks.router, prefix="/v1")
     # Last: its /models/{model_id:path} routes match any path under /models.
     app.include_router(models.router, prefix="/v1")
 

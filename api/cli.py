@@ -8,6 +8,9 @@ sqlalchemy or celery, and ``finegates keys create`` must not import torch.
 
   api              the API alone (production: migrations and workers run separately)
   keys create      a tenant's API key (the key alone on the last line of output)
+  keys list|revoke|rotate   a tenant's keys by id; revoke/rotate take effect within
+                   the auth cache time (FINEGATES_AUTH_CACHE_SECONDS, default 5 s)
+  tenants update   a tenant's limits (requests per minute, active jobs, storage, ...)
   db upgrade       Alembic migrations (the one-shot ``migrate`` step in production)
   models register  give a local Hugging Face folder a model id jobs can use
   serve-inference  the inference API alone
@@ -65,6 +68,139 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     print(f"Created an API key for tenant '{args.tenant}' (shown once; store it now):")
     print(key)
     return 0
+
+
+def _cli_session(args: argparse.Namespace) -> Any:
+    settings = apply_data_dir(args.data_dir)
+    if settings.is_sqlite:
+        upgrade_db(settings)
+    from api.db.session import make_sessionmaker
+
+    return settings, make_sessionmaker(settings)()
+
+
+def _tenant_named(session: Any, name: str) -> Any:
+    from sqlalchemy import select
+
+    from api.db.models import Tenant
+
+    return session.execute(select(Tenant).where(Tenant.name == name)).scalar_one_or_none()
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    """One line per key, its id first; never the secret (only its public prefix)."""
+    from sqlalchemy import select
+
+    from api.db.models import ApiKey
+
+    settings, s = _cli_session(args)
+    with s:
+        tenant = _tenant_named(s, args.tenant)
+        if tenant is None:
+            print(f"error: no tenant named '{args.tenant}'", file=sys.stderr)
+            return 2
+        keys = s.execute(
+            select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at)
+        ).scalars()
+        for k in keys:
+            state = f"revoked {k.revoked_at:%Y-%m-%dT%H:%M:%SZ}" if k.revoked_at else "active"
+            print(
+                f"{k.id}  {k.prefix}...  {state}  created {k.created_at:%Y-%m-%dT%H:%M:%SZ}"
+                f"  {k.name or ''}".rstrip()
+            )
+    return 0
+
+
+def _revoke(s: Any, key_id: str) -> Any:
+    from sqlalchemy import select
+
+    from api.db.models import ApiKey, utcnow
+
+    key = s.execute(select(ApiKey).where(ApiKey.id == key_id)).scalar_one_or_none()
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return key
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    settings, s = _cli_session(args)
+    with s:
+        key = _revoke(s, args.key_id)
+        if key is None:
+            print(f"error: no key with id '{args.key_id}'", file=sys.stderr)
+            return 2
+        s.commit()
+    print(
+        f"revoked {args.key_id}; running API processes refuse it within "
+        f"{settings.auth_cache_seconds:g} s (FINEGATES_AUTH_CACHE_SECONDS)"
+    )
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    """A new key for the same tenant and name; the old one is revoked (the new key alone
+    on the last line, shown once)."""
+    from api.auth import create_api_key
+    from api.db.models import Tenant
+
+    settings, s = _cli_session(args)
+    with s:
+        old = _revoke(s, args.key_id)
+        if old is None:
+            print(f"error: no key with id '{args.key_id}'", file=sys.stderr)
+            return 2
+        tenant = s.get(Tenant, old.tenant_id)
+        key = create_api_key(s, tenant.name, old.name)  # commits the revocation too
+    print(
+        f"revoked {args.key_id} (refused within {settings.auth_cache_seconds:g} s); new key "
+        f"for tenant '{tenant.name}' (shown once; store it now):"
+    )
+    print(key)
+    return 0
+
+
+_LIMIT_FLAGS = (
+    ("requests_per_minute", "--requests-per-minute"),
+    ("max_active_jobs", "--max-active-jobs"),
+    ("max_storage_bytes", "--max-storage-bytes"),
+    ("max_files", "--max-files"),
+    ("max_concurrent_inference", "--max-concurrent-inference"),
+)
+
+
+def _limit_value(text: str) -> int | None:
+    if text == "default":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (or 'default')")
+    return value
+
+
+def cmd_tenants_update(args: argparse.Namespace) -> int:
+    """Per-tenant overrides of the settings' limits ('default' clears one); they take
+    effect within the auth cache time."""
+    from api.limits import TenantLimits
+
+    settings, s = _cli_session(args)
+    with s:
+        tenant = _tenant_named(s, args.name)
+        if tenant is None:
+            print(f"error: no tenant named '{args.name}'", file=sys.stderr)
+            return 2
+        for column, _flag in _LIMIT_FLAGS:
+            value = getattr(args, column)
+            if value is not _UNSET:
+                setattr(tenant, column, value)
+        s.commit()
+        limits = TenantLimits.resolve(settings, tenant)
+        for column, flag in _LIMIT_FLAGS:
+            own = getattr(tenant, column)
+            print(f"{flag[2:]}: {getattr(limits, column)}{'' if own is not None else ' (default)'}")
+    return 0
+
+
+_UNSET: Any = object()
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -149,7 +285,7 @@ def cmd_serve_inference(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add api, keys, db, models and serve-inference to ``subparsers``."""
+    """Add api, keys, tenants, db, models and serve-inference to ``subparsers``."""
     sp = subparsers.add_parser("api", help="run the API only (production; see docker-compose.yml)")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
@@ -165,6 +301,27 @@ def register(subparsers: Any) -> None:
     kc.add_argument("--name", default=None, help="a label for the key")
     add_data_dir_arg(kc)
     kc.set_defaults(func=cmd_keys_create)
+    kl = ksub.add_parser("list", help="a tenant's keys, one a line (id first; never the key)")
+    kl.add_argument("--tenant", required=True, help="tenant name")
+    add_data_dir_arg(kl)
+    kl.set_defaults(func=cmd_keys_list)
+    kr = ksub.add_parser("revoke", help="revoke a key (refused within the auth cache time)")
+    kr.add_argument("key_id", help="the key's id (key-..., from `keys list`)")
+    add_data_dir_arg(kr)
+    kr.set_defaults(func=cmd_keys_revoke)
+    kt = ksub.add_parser("rotate", help="replace a key: a new one, the old one revoked")
+    kt.add_argument("key_id", help="the key's id (key-..., from `keys list`)")
+    add_data_dir_arg(kt)
+    kt.set_defaults(func=cmd_keys_rotate)
+
+    sp = subparsers.add_parser("tenants", help="tenants and their limits")
+    tsub = sp.add_subparsers(dest="tenants_command", metavar="COMMAND", required=True)
+    tu = tsub.add_parser("update", help="set a tenant's limits ('default' clears one)")
+    tu.add_argument("name", help="tenant name")
+    for column, flag in _LIMIT_FLAGS:
+        tu.add_argument(flag, dest=column, type=_limit_value, default=_UNSET, metavar="N")
+    add_data_dir_arg(tu)
+    tu.set_defaults(func=cmd_tenants_update)
 
     sp = subparsers.add_parser("db", help="database")
     dsub = sp.add_subparsers(dest="db_command", metavar="COMMAND", required=True)

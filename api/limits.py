@@ -412,3 +412,121 @@ def inference_slot(request: Any, principal: Any) -> tuple[InferenceSlots | None,
         limit = getattr(settings, "max_concurrent_inference_per_tenant", 16)
     slots.acquire(principal.tenant_id, limit)
     return slots, principal.tenant_id
+
+
+# ---------------------------------------------------------------- the spec declares errors
+
+# What every operation can answer besides its success: bad input, auth, ownership,
+# conflicts, size caps, rate limits, oversized headers, internal faults.
+ERROR_STATUSES = {
+    "400": "Invalid request (param names the field)",
+    "401": "Missing or invalid API key",
+    "403": "Not allowed",
+    "404": "Not found (or another tenant's)",
+    "405": "Method not allowed",
+    "409": "Conflict with the object's state",
+    "413": "Request body or file too large",
+    "415": "Unsupported media type",
+    "429": "Rate limit or quota reached (Retry-After)",
+    "431": "Request headers too large",
+    "500": "Internal error (with a reference id)",
+    "503": "Service unavailable",
+}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": "string"},
+                "line": {"type": ["integer", "null"]},
+                "field": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def declare_error_responses(app: Any) -> None:
+    """Add the OpenAI error body and every error status to each operation of ``app``'s
+    OpenAPI document (routes never return FastAPI's 422: validation errors are 400)."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        schema.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = (
+            _ERROR_SCHEMA
+        )
+        ref = {"$ref": "#/components/schemas/ErrorResponse"}
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                if not isinstance(op, dict) or "responses" not in op:
+                    continue
+                responses = op["responses"]
+                responses.pop("422", None)
+                for status, description in ERROR_STATUSES.items():
+                    responses.setdefault(
+                        status,
+                        {
+                            "description": description,
+                            "content": {"application/json": {"schema": ref}},
+                        },
+                    )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+# ---------------------------------------------------------------- fair share of workers
+
+
+def fair_share_pick(session: Session, job: Job) -> str | None:
+    """The queued job that should run instead of ``job`` (None: ``job`` itself).
+
+    The broker is first-in first-out, so one tenant's 100 queued jobs would run before
+    another tenant's first. Whichever message a worker receives, it runs the oldest queued
+    job (same queue) of the tenant with the fewest running jobs, least recently served
+    first (its latest start), and the message's own job is re-published. Within one
+    tenant, the oldest queued job goes first (a re-published message cannot reorder
+    them). So a tenant's first job waits behind at most the job a worker
+    is already running.
+    """
+    from sqlalchemy.orm import aliased
+
+    from api import jobstate
+
+    other = aliased(Job)
+    running = (
+        select(func.count())
+        .select_from(other)
+        .where(other.tenant_id == Job.tenant_id, other.status == jobstate.RUNNING)
+        .correlate(Job)
+        .scalar_subquery()
+    )
+    last_start = (
+        select(func.max(other.started_at))
+        .where(other.tenant_id == Job.tenant_id)
+        .correlate(Job)
+        .scalar_subquery()
+    )
+    row = session.execute(
+        select(Job.id, Job.tenant_id)
+        .where(
+            Job.queue == job.queue,
+            Job.status == jobstate.QUEUED,
+            Job.cancel_requested.is_not(True),
+        )
+        .order_by(running.asc(), last_start.asc().nulls_first(), Job.pk.asc())
+        .limit(1)
+    ).first()
+    if row is None or row.id == job.id:
+        return None
+    return str(row.id)

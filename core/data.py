@@ -280,11 +280,11 @@ def _scan(
     task: str | None,
     keep: list[dict[str, Any]] | None,
     *,
-    text_column: str,
-    text_pair_column: str,
-    label_column: str,
-    max_line_bytes: int,
-    max_rows: int,
+    text_column: str = "text",
+    text_pair_column: str = "text_pair",
+    label_column: str = "label",
+    max_line_bytes: int = MAX_LINE_BYTES,
+    max_rows: int = MAX_ROWS,
 ) -> FileReport:
     """Read and check every record, one at a time; append the normalised ones to
     ``keep`` (None: keep nothing, so peak memory does not grow with the file)."""
@@ -431,25 +431,14 @@ def load_records(
     return LoadedData(report=report, records=records)
 
 
-def validate_file(
-    path: Path | str,
-    task: str | None = None,
-    *,
-    text_column: str = "text",
-    text_pair_column: str = "text_pair",
-    label_column: str = "label",
-    max_line_bytes: int = MAX_LINE_BYTES,
-    max_rows: int = MAX_ROWS,
-) -> FileReport:
-    """Check a dataset file end to end and describe it (used by the service on upload).
+def validate_file(path: Path | str, task: str | None = None, **columns: Any) -> FileReport:
+    """Check a dataset file end to end and describe it (used by the service on upload);
+    ``columns``: load_records' keyword options.
 
     Streaming: records are checked one at a time and not kept, so the extra memory is
     one line plus the set of class names, whatever the file's size
     (bench/bench_limits.py measures it)."""
-    return _scan(
-        path, task, None, text_column=text_column, text_pair_column=text_pair_column,
-        label_column=label_column, max_line_bytes=max_line_bytes, max_rows=max_rows,
-    )  # fmt: skip
+    return _scan(path, task, None, **columns)
 
 
 def split_validation(

@@ -9,6 +9,7 @@ loads fastapi, sqlalchemy or celery.
 
   serve   the API and one real Celery worker process, embedded (SQLite + SQL broker)
   worker  a Celery worker for production (Redis broker, Postgres)
+  cleanup the retention sweep (run directories of ended jobs, cancelled artifacts)
 """
 
 from __future__ import annotations
@@ -245,6 +246,25 @@ def _register(subparsers: Any) -> None:
     )
     add_data_dir_arg(sp)
     sp.set_defaults(func=cmd_worker)
+
+    sp = subparsers.add_parser(
+        "cleanup", help="delete run directories past FINEGATES_RUN_RETENTION_HOURS"
+    )
+    add_data_dir_arg(sp)
+    sp.set_defaults(func=cmd_cleanup)
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """The retention sweep once (the worker also runs it hourly)."""
+    settings = apply_data_dir(args.data_dir)
+    from api.db.session import make_sessionmaker
+    from worker.retention import sweep
+
+    removed = sweep(settings, make_sessionmaker(settings))
+    for name in removed:
+        print(f"removed {name}")
+    print(f"{len(removed)} folder(s) removed (retention {settings.run_retention_hours:g} h)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

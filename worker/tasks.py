@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import jobstate
 from api.db.models import Checkpoint, File, FineTunedModel, Job, utcnow
 from api.db.session import make_sessionmaker, session_scope
+from api.limits import fair_share_pick
 from api.model_ids import checkpoint_model_id, fine_tuned_model_id
 from api.queue import TASK_RUN_JOB, Publish, publish
 from api.redact import internal_error_message, reference_id, scrub
@@ -326,6 +327,14 @@ def execute_job(
         if job.status != jobstate.QUEUED:
             # Duplicate delivery, a job cancelled while queued, or one a live worker holds.
             return JobOutcome("skipped", job.status)
+        fair = fair_share_pick(s, job)
+        if fair is not None:
+            # another tenant waits longer for a worker: run its job, re-publish this one
+            # (its new message keeps it queued; the other job's own message is then a
+            # duplicate delivery and skipped)
+            _republish(job.id, job.queue, enqueue, settings)
+            job_id = fair
+            job = s.execute(select(Job).where(Job.id == job_id)).scalar_one()
         run_dir = Path(job.run_dir) if job.run_dir else settings.runs_dir / job.id
         if not jobstate.claim(s, job_id, me, run_dir=str(run_dir)):
             return JobOutcome("skipped", "claimed by another worker")
@@ -380,6 +389,16 @@ def execute_job(
         watchdog.stop()
         lock.release()
         _free_memory()
+
+
+def _republish(job_id: str, queue: str, enqueue: Publish | None, settings: Settings) -> None:
+    try:
+        if enqueue is not None:
+            enqueue(job_id, queue)
+        else:
+            publish(job_id, queue, settings=settings)
+    except Exception:  # it stays queued; the reaper re-publishes queued jobs at start
+        log.exception("could not re-publish %s after a fair-share swap", job_id)
 
 
 def _run_claimed(
@@ -610,11 +629,16 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     except Exception:
         queues = ["cpu", "gpu"]
     start_reaper(settings, session_factory_for(settings), queues=queues)
+    from worker.webhooks import start_dispatcher
+
+    start_dispatcher(settings, session_factory_for(settings))  # signed job-end webhooks
 
 
 @worker_shutting_down.connect
 def _on_worker_shutting_down(**_: Any) -> None:
     SHUTDOWN.set()
     from worker.reaper import stop_reaper
+    from worker.webhooks import stop_dispatcher
 
     stop_reaper()
+    stop_dispatcher()

@@ -57,11 +57,12 @@ def create_inference_app(settings: Any = None, engine: Any = None) -> FastAPI:
     install_error_handlers(app)
     from fastapi import APIRouter
 
-    from api.limits import InferenceSlots, RateLimiter, RequestGuard
+    from api.limits import InferenceSlots, RateLimiter, RequestGuard, declare_error_responses
 
     app.state.rate_limiter = RateLimiter(settings)
     app.state.inference_slots = InferenceSlots()
     app.add_middleware(RequestGuard, settings=settings)
+    declare_error_responses(app)
     app.include_router(inference.router, prefix="/v1")
     # the models routes too, so openai's client.models.list() works against this process;
     # read-only: this app mutates nothing (DELETE /v1/models/... lives on the API only)

@@ -171,6 +171,18 @@ def _usage(prompt: int, completion: int) -> Usage:
     )
 
 
+async def _in_slot(request: Request, principal: Any, run: Any) -> Any:
+    """Run ``run(tenant, slots)`` holding one of the caller's inference slots (429 when all
+    are busy). On success ``run`` releases it (a stream: when the stream ends)."""
+    slots, tenant = inference_slot(request, principal)
+    try:
+        return await run(tenant, slots)
+    except BaseException:
+        if slots is not None:
+            slots.release(tenant)
+        raise
+
+
 async def _load_lm(engine: InferenceEngine, tenant_id: str, model_id: str, route: str) -> Any:
     model: LoadedModel = await engine.load(tenant_id, model_id)
     engine.require_task(model, "causal_lm", route)
@@ -195,15 +207,11 @@ async def completions(
         )
     if body.stream and len(prompts) > 1:
         raise APIError(400, "stream: true takes a single prompt", param="prompt")
-    slots, tenant = inference_slot(request, principal)
-    try:
-        return await _completions(
-            body, request, engine, params, prompts, principal.tenant_id, slots
-        )
-    except BaseException:
-        if slots is not None:
-            slots.release(tenant)
-        raise
+    return await _in_slot(
+        request,
+        principal,
+        lambda t, sl: _completions(body, request, engine, params, prompts, t, sl),
+    )
 
 
 async def _completions(
@@ -263,13 +271,9 @@ async def chat_completions(
     """One assistant message, or (``stream: true``) server-sent ``chat.completion.chunk``s."""
     params = _params(body, engine, body.max_completion_tokens or body.max_tokens)
     messages = [m.as_template_message() for m in body.messages]
-    slots, tenant = inference_slot(request, principal)
-    try:
-        return await _chat(body, request, engine, params, messages, tenant, slots)
-    except BaseException:
-        if slots is not None:
-            slots.release(tenant)
-        raise
+    return await _in_slot(
+        request, principal, lambda t, sl: _chat(body, request, engine, params, messages, t, sl)
+    )
 
 
 async def _chat(

@@ -29,14 +29,24 @@ COMMANDS = {
     "serve",
     "api",
     "worker",
+    "cleanup",
     "keys",
+    "tenants",
     "db",
     "models",
     "serve-inference",
     "files",  # the REST client (api/client_cli.py)
     "jobs",
 }
-SUBCOMMANDS = [("keys", "create"), ("db", "upgrade"), ("models", "register")]
+SUBCOMMANDS = [
+    ("keys", "create"),
+    ("keys", "list"),
+    ("keys", "revoke"),
+    ("keys", "rotate"),
+    ("tenants", "update"),
+    ("db", "upgrade"),
+    ("models", "register"),
+]
 SUBCOMMANDS += [("files", "upload"), ("models", "download")]
 SUBCOMMANDS += [("jobs", c) for c in ("create", "list", "get", "cancel", "watch")]
 
