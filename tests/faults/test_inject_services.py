@@ -85,12 +85,7 @@ def fstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
     try:
         yield st
     finally:
-        st.stop_worker()
-        server.should_exit = True
-        thread.join(timeout=30)
-        sessions.kw["bind"].dispose()
-        for log in st._logs:
-            log.close()
+        st.close(server, thread)
         redis.kill()
         try:
             pg.stop("immediate")
