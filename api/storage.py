@@ -57,8 +57,12 @@ class _Writer:
         return StoredBlob(key=key, size=self.size, sha256=self.digest.hexdigest())
 
     def abort(self) -> None:
-        self.fh.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.fh.close()  # may raise again when the disk is full (buffered bytes)
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 class LocalStorage:

@@ -320,51 +320,12 @@ def main(argv: list[str] | None = None) -> int:
 
     name, db_url = _setup_db(args.pg_admin)
     data_dir = Path(tempfile.mkdtemp(prefix="fg-bench-"))
-    server = None
     try:
-        settings = Settings(data_dir=data_dir, database_url=db_url)
-        key, ids = _seed(settings, args.jobs)
-        port = _free_port()
-        env = {
-            **os.environ,
-            "FINEGATES_DATABASE_URL": db_url,
-            "FINEGATES_DATA_DIR": str(data_dir),
-            "PYTHONPATH": str(ROOT),
-        }
-        server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-             "--no-access-log", "--workers", str(args.uvicorn_workers)],
-            cwd=ROOT, env=env,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        import httpx
-
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("uvicorn did not come up")
-            time.sleep(0.2)
-        # warm-up: one request per job
-        for jid in ids:
-            httpx.get(
-                f"{url}/v1/fine_tuning/jobs/{jid}", headers={"Authorization": f"Bearer {key}"}
-            )
-        lat, errors, elapsed = asyncio.run(
-            _run_load(url, key, ids, args.clients, args.duration, args.interval)
+        key, ids = _seed(Settings(data_dir=data_dir, database_url=db_url), args.jobs)
+        lat, errors, elapsed, _cpu = _serve_and_load(
+            args, ROOT, args.uvicorn_workers, False, db_url, data_dir, key, ids
         )
     finally:
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
         _drop_db(args.pg_admin, name)
 
     ms = [x * 1000 for x in lat]

@@ -19,6 +19,11 @@ another worker), stop_reason is "lost" and the callback RAISES ``JobLost`` inste
 clean stop would write a "stop" checkpoint and prune old ones in the run directory the
 new owner is using. ``core.train.train`` lets callback exceptions through without
 writing anything, and the task ends the delivery without touching the row or the disk.
+
+``before_write`` is the fence the engine calls before every checkpoint and ``final/``
+(and the task before packaging): the database must confirm the job is still this
+worker's. The ``Watchdog`` (the job's side thread) beats only while the job's thread
+makes progress and enforces a stall, an ignored cancel and the time limit from outside.
 """
 
 from __future__ import annotations

@@ -182,9 +182,8 @@ def _package(run_dir: Path, artifact_dir: Path, cb: JobCallback) -> dict[str, An
     try:
         result = build_artifact(run_dir, artifact_dir, on_event=record)
     except PruningError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise cause from None  # disk full: the task says so (no server paths)
+        if _disk_full(exc.__cause__):
+            raise exc.__cause__ from None  # type: ignore[misc]  # the task says what ran out
         raise PruningError(
             f"{exc.message}; training finished and its result is kept, so retrying the job "
             "only prunes again"
@@ -516,8 +515,8 @@ def _run_claimed(
                 s, job_id, info["code"], info["message"], info.get("param"), worker_id=me
             )
         return JobOutcome("failed", info["code"], info)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as exc:
+        if not _disk_full(exc):
             return _internal_error(job_id, exc, cb, factory, me)
         # A real disk-full: every writer (checkpoint, final/, artifact) writes into a
         # temporary name first, so nothing half-written is left under a real name.
@@ -528,14 +527,26 @@ def _run_claimed(
                 s,
                 job_id,
                 "disk_full",
-                f"the server ran out of disk space ({os.strerror(exc.errno)}) while {stage}; "
+                f"the server ran out of disk space (No space left on device) while {stage}; "
                 "nothing half-written was kept. Retry the job once space is freed",
                 None,
                 worker_id=me,
             )
         return JobOutcome("failed", "disk_full")
-    except Exception as exc:
-        return _internal_error(job_id, exc, cb, factory, me)
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT anywhere in the chain (safetensors reports it as its own error
+    type, with the OS message)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _internal_error(

@@ -7,6 +7,7 @@ point at a file that cannot train. A stored file is therefore always ``processed
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path as FsPath
 from typing import Annotated, Any
@@ -219,6 +220,16 @@ async def upload_file(
     except APIError:
         sink.abort()
         raise
+    except OSError as exc:
+        sink.abort()
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise APIError(
+            507,
+            "The server has no disk space left for this upload; nothing was stored. Retry later",
+            param="file",
+            code="insufficient_storage",
+        ) from None
     except Exception as exc:  # malformed multipart
         sink.abort()
         raise APIError(400, f"Malformed multipart body: {exc}", param="file") from None

@@ -348,15 +348,15 @@ def _enqueue(request: Request, session: Session, job: Job) -> JobObject:
     try:
         enqueue(job.id, job.queue)
     except Exception as exc:
-        # The job is committed and stays queued: workers re-publish queued jobs when they
-        # start (worker/reaper.py), so answering an error here would only invite a
-        # duplicate submission.
+        # The job is committed and stays queued: the workers' periodic queue sweep
+        # (worker/reaper.py) publishes it once the broker answers, so answering an error
+        # here would only invite a duplicate submission.
         log.exception("enqueue failed for %s", job.id)
         jobstate.add_event(
             session,
             job.id,
             f"The queue could not be reached ({type(exc).__name__}); the job stays queued "
-            "and is published again when a worker starts",
+            "and is published again as soon as the queue answers",
             level="warning",
         )
     return _job_response(session, job)

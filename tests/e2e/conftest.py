@@ -89,6 +89,15 @@ class Stack:
             os.killpg(self.worker.pid, signal.SIGKILL)
             self.worker.wait(timeout=30)
 
+    def close(self, server: Any, thread: threading.Thread) -> None:
+        """Stop the worker, then the API server; release the pool and the logs."""
+        self.stop_worker()
+        server.should_exit = True
+        thread.join(timeout=30)
+        self.sessions.kw["bind"].dispose()
+        for log in self._logs:
+            log.close()
+
     def worker_log(self, n: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n:]
@@ -301,12 +310,7 @@ def stack(
     try:
         yield st
     finally:
-        st.stop_worker()
-        server.should_exit = True
-        thread.join(timeout=30)
-        sessions.kw["bind"].dispose()
-        for log in st._logs:
-            log.close()
+        st.close(server, thread)
         from worker.celery_app import reset_app
 
         reset_app()

@@ -12,10 +12,11 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
-from tests.e2e.conftest import Stack, _start_api
+from tests.e2e.conftest import TERMINAL, Stack, _start_api
 from tests.faults.services import PostgresServer, RedisServer
 from tests.support.e2e import ROOT, TINY_MODEL_ID, movie_reviews_jsonl
 
@@ -84,12 +85,7 @@ def fstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
     try:
         yield st
     finally:
-        st.stop_worker()
-        server.should_exit = True
-        thread.join(timeout=30)
-        sessions.kw["bind"].dispose()
-        for log in st._logs:
-            log.close()
+        st.close(server, thread)
         redis.kill()
         try:
             pg.stop("immediate")
@@ -284,3 +280,98 @@ def test_a_hung_training_thread_leaves_running_within_the_bound(fstack, training
     with fstack.db() as s:
         assert s.execute(select(Job.worker_id).where(Job.id == jid)).scalar_one() is None
     fstack.start_worker()
+
+
+def test_soak_pollers_submissions_and_a_worker_kill(fstack):
+    """200 concurrent pollers, 20 jobs from 4 tenants, one worker SIGKILL in the middle:
+    no error but the documented 503/429, every job terminal (succeeded), none lost."""
+    import asyncio
+    import random
+    import threading
+
+    from api.auth import create_api_key
+    from api.db import session_scope
+
+    if fstack.worker is None or fstack.worker.poll() is not None:
+        fstack.start_worker()
+    keys = []
+    for t in range(4):
+        with session_scope(fstack.sessions) as s:
+            keys.append(create_api_key(s, f"soak-{t}"))
+    data = movie_reviews_jsonl(40)
+    owned: list[tuple[str, str]] = []  # (key, job id)
+    for i in range(20):
+        key = keys[i % 4]
+        with fstack.client(key) as c:
+            r = c.post("/v1/files", files={"file": ("r.jsonl", data, "application/jsonl")},
+                       data={"purpose": "fine-tune"})  # fmt: skip
+            assert r.status_code in (200, 201), r.text
+            body = {
+                "model": TINY_MODEL_ID, "training_file": r.json()["id"], "seed": i,
+                "method": {"type": "finegates", "finegates": {
+                    "task": "classification", "hyperparameters": {"max_steps": 4}}},
+            }  # fmt: skip
+            r = c.post("/v1/fine_tuning/jobs", json=body)
+            assert r.status_code in (200, 201), r.text
+            owned.append((key, r.json()["id"]))
+
+    stop = threading.Event()
+    codes: Counter[int] = Counter()
+    transport: list[str] = []
+
+    async def poller(client: httpx.AsyncClient, n: int) -> None:
+        key, jid = owned[n % len(owned)]
+        await asyncio.sleep(random.random())
+        while not stop.is_set():
+            try:
+                r = await client.get(
+                    f"/v1/fine_tuning/jobs/{jid}", headers={"Authorization": f"Bearer {key}"}
+                )
+                codes[r.status_code] += 1
+            except httpx.HTTPError as exc:
+                transport.append(type(exc).__name__)
+            await asyncio.sleep(1.0)
+
+    async def pollers() -> None:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=fstack.base_url, limits=limits, timeout=30) as c:
+            await asyncio.gather(*[poller(c, n) for n in range(200)])
+
+    t = threading.Thread(target=lambda: asyncio.run(pollers()), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 420
+    killed = False
+    statuses: dict[str, str] = {}
+    try:
+        while time.monotonic() < deadline:
+            with fstack.db() as s:
+                from api.db.models import Job
+
+                rows = s.execute(
+                    select(Job.id, Job.status).where(Job.id.in_([j for _, j in owned]))
+                ).all()
+            statuses = dict(rows)
+            done = sum(st in TERMINAL for st in statuses.values())
+            if not killed and done >= 5:
+                fstack.kill_worker()  # mid-job, mid-soak
+                fstack.start_worker()
+                killed = True
+            if done == len(owned):
+                break
+            time.sleep(1)
+    finally:
+        stop.set()
+        t.join(60)
+    assert killed
+    assert set(statuses.values()) == {"succeeded"}, (
+        Counter(statuses.values()),
+        fstack.worker_log(),
+    )
+    assert not transport, Counter(transport)
+    assert set(codes) <= {200, 429, 503}, codes
+    assert codes[200] > 1000, codes
+    for _, jid in owned:
+        with fstack.db() as s:
+            from api.db.models import FineTunedModel
+
+            assert s.query(FineTunedModel).filter_by(job_id=jid).count() == 1
