@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -39,6 +40,8 @@ T = TypeVar("T")
 # Routes whose body is not parsed as JSON and has its own, larger cap.
 UPLOAD_PATHS = ("/v1/files",)
 RATE_HEADERS_KEY = "finegates.ratelimit_headers"
+
+log = logging.getLogger("finegates.api")
 
 
 @dataclass(frozen=True)
@@ -203,8 +206,14 @@ class RateLimiter:
         from limits import RateLimitItemPerMinute
 
         item = RateLimitItemPerMinute(per_minute)
-        allowed = await self.strategy.hit(item, "tenant", tenant_id)
-        stats = await self.strategy.get_window_stats(item, "tenant", tenant_id)
+        try:
+            allowed = await self.strategy.hit(item, "tenant", tenant_id)
+            stats = await self.strategy.get_window_stats(item, "tenant", tenant_id)
+        except Exception as exc:  # noqa: BLE001 - any storage failure
+            # Fail open: an unreachable rate-limit store (Redis restarting) must not turn
+            # every request into a 500; the job paths have their own outage handling.
+            log.warning("rate limit storage unavailable (%s); not counting", type(exc).__name__)
+            return {}
         reset_in = max(0.0, stats.reset_time - time.time())
         headers = {
             "x-ratelimit-limit-requests": str(per_minute),
