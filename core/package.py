@@ -55,6 +55,7 @@ from core.errors import ArtifactError, PruningError
 from core.manifest import MANIFEST, ONNX, REPORT, Manifest
 from core.onnx_export import export_onnx
 from core.prune import compression_figures, diff_and_scale, prune_model
+from core.quantize import INT8_ONNX, quantize_onnx, validation_set
 from core.report import DEFAULT_SHAPES, compression_report
 from core.rundir import RunDir, load_gated_run
 from core.structure import describe
@@ -263,6 +264,15 @@ def _complete(
             skipped("onnx", "ONNX export", exc)
         else:
             emit(PackageEvent("onnx", "info", "Exported the pruned model to ONNX"))
+    if onnx and (stage / ONNX).is_file():
+        try:
+            quantize_onnx(stage / ONNX, stage / INT8_ONNX)
+        except Exception as exc:  # optional extra
+            (stage / INT8_ONNX).unlink(missing_ok=True)
+            log.warning("int8 ONNX quantization failed", exc_info=True)
+            skipped("onnx", "int8 ONNX quantization", exc)
+        else:
+            emit(PackageEvent("onnx", "info", f"Quantized model.onnx to int8 ({INT8_ONNX})"))
     rep: dict[str, Any] | None = None
     if report:
         kw = dict(report_kw)
@@ -293,6 +303,7 @@ def _complete(
         what = f"{type(exc).__name__}: {exc}"[:300]
         raise PruningError(f"publishing the pruned artifact failed ({what})") from exc
     formats = ["safetensors"] + (["onnx"] if ONNX in manifest.files else [])
+    formats += ["onnx-int8"] if INT8_ONNX in manifest.files else []
     return ArtifactResult(dest, manifest, rep, formats, _folder_bytes(dest), warnings)
 
 
@@ -324,6 +335,7 @@ def build_artifact(
         try:
             pr = prune_run(run_dir, check_batch=check_batch, **(prune_kwargs or {}))
             write_artifact(pr.pruned, pr.tokenizer, stage, **pr.fields)
+            validation = validation_set(run_dir, pr.tokenizer, pr.fields) if report else None
             del pr
             # export and measure what will be served: the model as read back from disk
             loaded = load_artifact(stage, load_tokenizer=False)
@@ -340,6 +352,7 @@ def build_artifact(
             "runs": runs,
             "warmup": warmup,
             "decode_tokens": decode_tokens,
+            "validation": validation,
         }
         return _complete(
             stage, dest, loaded.model, loaded.manifest, emit,
@@ -399,7 +412,7 @@ def rebuild_artifact(
     stage = staging_dir(dest)
     try:
         _copy_verified(src, stage, manifest)
-        for name in ([ONNX] if onnx else []) + ([REPORT] if report else []):
+        for name in ([ONNX, INT8_ONNX] if onnx else []) + ([REPORT] if report else []):
             (stage / name).unlink(missing_ok=True)  # replaced, never kept stale
         loaded = load_artifact(stage, verify=False, load_tokenizer=False)  # just checked
         report_kw = {

@@ -23,6 +23,8 @@ class InferenceConfig:
     default_max_tokens: int = 16  # OpenAI's completions default
     generation_workers: int = 16  # threads running generation loops
     classifier_backend: str = "auto"  # auto | torch | onnxruntime
+    # job: each artifact's serving_precision rule (core.quantize); fp32 | int8: for all
+    serving_precision: str = "job"
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> InferenceConfig:

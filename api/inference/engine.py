@@ -84,7 +84,7 @@ class InferenceEngine:
         with self._specs_lock:
             spec = self._specs[key]
         log.info("loading model %s from %s", spec.id, spec.path)
-        backend = load_backend(spec, self.config.classifier_backend)
+        backend = load_backend(spec, self.config.classifier_backend, self.config.serving_precision)
         runner: MicroBatcher | DirectRunner | None = None
         if isinstance(backend, ClassifierBackend):
             if self.config.batching:

@@ -128,13 +128,21 @@ def _tar_stream(members: list[tuple[Path, bytes, int]]) -> Iterator[bytes]:
     yield b"\0" * (2 * _BLOCK)
 
 
+_SINGLE_FILES = {
+    "safetensors": "model.safetensors",
+    "onnx": "model.onnx",
+    "onnx-int8": "model.int8.onnx",  # core.quantize.INT8_ONNX
+}
+
+
 @router.get("/models/{model_id:path}/artifact")
 def download_artifact(
     ref: ModelDep,
     settings: SettingsDep,
-    format: Annotated[str, Query(pattern="^(tar|safetensors|onnx)$")] = "tar",
+    format: Annotated[str, Query(pattern="^(tar|safetensors|onnx|onnx-int8)$")] = "tar",
 ) -> Any:
-    """``format=tar`` (default): the whole artifact directory; ``safetensors``/``onnx``: one file."""
+    """``format=tar`` (default): the whole artifact directory; ``safetensors``/``onnx``/
+    ``onnx-int8`` (model.int8.onnx, dynamic int8 of model.onnx): one file."""
     m = _finetuned_only(ref, "artifacts", "artifact_not_found")
     model_id = m.id
     root = artifact_path(m, settings)
@@ -145,15 +153,15 @@ def download_artifact(
             code="artifact_not_found",
         )
     safe = model_id.replace(":", "_").replace("/", "_")
-    if format in ("safetensors", "onnx"):
-        fname = "model.safetensors" if format == "safetensors" else "model.onnx"
+    if format in _SINGLE_FILES:
+        fname = _SINGLE_FILES[format]
         f = root / fname
         if not f.is_file() or f.is_symlink():
             why = (
-                "no ONNX export was produced for it (ONNX export may be unavailable for this "
-                "model family, or it failed; see the job's events)"
-                if format == "onnx"
-                else "its model.safetensors is missing"
+                "its model.safetensors is missing"
+                if format == "safetensors"
+                else f"no {fname} was produced for it (ONNX export or its int8 quantization "
+                "may be unavailable for this model family, or it failed; see the job's events)"
             )
             raise APIError(
                 404,
@@ -164,7 +172,7 @@ def download_artifact(
         return FileResponse(
             f,
             media_type="application/octet-stream",
-            filename=f"{safe}.{format}",
+            filename=f"{safe}.{'int8.onnx' if format == 'onnx-int8' else format}",
         )
     members, total = _tar_plan(root)
     return StreamingResponse(
