@@ -104,6 +104,7 @@ def build_synthetic(out: Path, tiny: bool, fraction_cls: float, fraction_lm: flo
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from core.artifacts import save_artifact
+    from core.package import original_shape, rebuild_artifact
     from core.prune import prune_model
 
     paths: dict[str, Any] = {}
@@ -141,7 +142,12 @@ def build_synthetic(out: Path, tiny: bool, fraction_cls: float, fraction_lm: flo
         if task == "classification":
             labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         dest = out / f"{kind}-pruned"
-        save_artifact(pruned, tok, dest, plan=plan, task=task, labels=labels, base_model=str(src))
+        save_artifact(
+            pruned, tok, dest, plan=plan, task=task, labels=labels, base_model=str(src),
+            original_shape=original_shape(model),
+        )  # fmt: skip
+        if task == "classification":  # model.onnx + model.int8.onnx, hashed
+            rebuild_artifact(dest, onnx=True)
         removed = plan.removed_fraction() if hasattr(plan, "removed_fraction") else None
         print(f"synthetic {kind}: removed fraction of gated params = {removed}", flush=True)
         paths[f"{kind}_pruned"] = dest

@@ -188,10 +188,11 @@ def adaptive_timing(
             t0 = time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t0) * 1e3)
+        over = budget_s is not None and time.perf_counter() - t_start >= budget_s
+        if over and n >= min(3, max_runs):  # out of time: 3 rounds give a median and IQR
+            break
         if n < min_runs:
             continue
-        if budget_s is not None and time.perf_counter() - t_start >= budget_s:
-            break
         if pairs and all(_ci_tight(times[a], times[b], rel_ci) for a, b in pairs):
             break
     return {
