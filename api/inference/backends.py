@@ -299,6 +299,7 @@ class CausalLMBackend:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.hf_style = hf_style
+        self.batch_decoder: Any = None  # api.inference.decode_batch.DecodeBatcher, lazily
         self._tok_lock = threading.Lock()  # see ClassifierBackend: tokenizer state is shared
         eos = getattr(tokenizer, "eos_token_id", None)
         cfg_eos = getattr(getattr(model, "config", None), "eos_token_id", None)

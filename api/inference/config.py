@@ -25,6 +25,8 @@ class InferenceConfig:
     classifier_backend: str = "auto"  # auto | torch | onnxruntime
     # job: each artifact's serving_precision rule (core.quantize); fp32 | int8: for all
     serving_precision: str = "job"
+    batched_decoding: bool = True  # concurrent streams of a FineGates decoder share forwards
+    max_decode_batch: int = 32  # streams per shared decoding step
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> InferenceConfig:
