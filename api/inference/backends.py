@@ -117,6 +117,30 @@ def _logits_of(out: Any) -> torch.Tensor:
 
 # ---------------------------------------------------------------- classification
 
+PAD_WASTE = 1.25  # a bucket's padded tokens may be at most this times its real tokens
+MIN_BUCKET = 8  # ... unless it has fewer rows than this (a call has a fixed cost too)
+
+
+def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices grouped by similar length: sorted by length, a new bucket starts when
+    adding the next (longer) input would pad the bucket beyond ``PAD_WASTE`` x its real
+    tokens and the bucket already has ``MIN_BUCKET`` rows."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        if cur and len(cur) >= MIN_BUCKET and (len(cur) + 1) * n > PAD_WASTE * (real + n):
+            buckets.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
 
 @dataclass
 class Encoded:
@@ -212,7 +236,19 @@ class ClassifierBackend:
             return _logits_of(self.model(**kwargs)).float()
 
     def predict(self, batch: Sequence[Encoded]) -> list[dict[str, Any]]:
-        """One model call for the whole batch; one result dict per input, in order."""
+        """One result dict per input, in order: the batch sorted by length and cut into
+        buckets of similar length (``length_buckets``), one model call per bucket, so
+        a micro-batch of one long and 31 short inputs does not pad 31 rows to the long
+        one."""
+        if len(batch) <= 1:
+            return self._predict(batch)
+        out: list[dict[str, Any] | None] = [None] * len(batch)
+        for bucket in length_buckets([len(e.input_ids) for e in batch]):
+            for i, r in zip(bucket, self._predict([batch[i] for i in bucket]), strict=True):
+                out[i] = r
+        return [r for r in out if r is not None]
+
+    def _predict(self, batch: Sequence[Encoded]) -> list[dict[str, Any]]:
         logits = self.logits(batch)  # (B, num_labels)
         results: list[dict[str, Any]] = []
         if self.regression:
