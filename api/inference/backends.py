@@ -141,7 +141,6 @@ def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     return buckets
 
 
-
 @dataclass
 class Encoded:
     input_ids: list[int]

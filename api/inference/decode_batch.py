@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from core.pruned.llama import KVCache
+
 from .generation import GenerationChunk, SamplingParams, StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -48,22 +50,13 @@ class _Stream:
     cache_v: list[torch.Tensor] = field(default_factory=list)
 
 
-class _BatchCache:
-    """KV buffers of the batch: per layer (B, n_kv, capacity, d), rows right-aligned at
-    a shared ``length``; the model's KVCache interface (update, length)."""
+class _BatchCache(KVCache):
+    """KV buffers of the batch: per layer (B, n_kv, capacity, d), rows right-aligned at a
+    shared ``length``; the model's own KVCache (its ``update``) over buffers built here."""
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], length: int) -> None:
         self.k, self.v, self.length = k, v, length
         self.max_len = k[0].shape[2] if k else 0
-
-    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T = k.shape[2]
-        end = self.length + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} > capacity {self.max_len}")
-        self.k[i][:, :, self.length : end] = k
-        self.v[i][:, :, self.length : end] = v
-        return self.k[i][:, :, :end], self.v[i][:, :, :end]
 
 
 class DecodeBatcher:
@@ -150,8 +143,6 @@ class DecodeBatcher:
 
     def _admit(self, s: _Stream) -> None:
         """Prefill alone, sample the first token, and join the batch if not finished."""
-        from core.pruned.llama import KVCache
-
         if s.decoder.params.max_tokens <= 0:
             self._emit(s, s.decoder.empty())
             self._end(s)
