@@ -104,6 +104,7 @@ def build_synthetic(out: Path, tiny: bool, fraction_cls: float, fraction_lm: flo
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from core.artifacts import save_artifact
+    from core.package import original_shape, rebuild_artifact
     from core.prune import prune_model
 
     paths: dict[str, Any] = {}
@@ -132,6 +133,9 @@ def build_synthetic(out: Path, tiny: bool, fraction_cls: float, fraction_lm: flo
     for kind, src, loader, frac, task in (
         ("cls", cls_src, AutoModelForSequenceClassification, fraction_cls, "classification"),
         ("lm", lm_src, AutoModelForCausalLM, fraction_lm, "causal_lm"),
+        # the dense peer of batched decoding: the same engine at full shapes (nothing
+        # removed), as the compression report's dense reference
+        ("lmfull", lm_src, AutoModelForCausalLM, 0.0, "causal_lm"),
     ):
         model = loader.from_pretrained(src, use_safetensors=True).eval()
         _close_fraction(model, frac, seed=0)
@@ -141,7 +145,12 @@ def build_synthetic(out: Path, tiny: bool, fraction_cls: float, fraction_lm: flo
         if task == "classification":
             labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         dest = out / f"{kind}-pruned"
-        save_artifact(pruned, tok, dest, plan=plan, task=task, labels=labels, base_model=str(src))
+        save_artifact(
+            pruned, tok, dest, plan=plan, task=task, labels=labels, base_model=str(src),
+            original_shape=original_shape(model),
+        )  # fmt: skip
+        if task == "classification":  # model.onnx + model.int8.onnx, hashed
+            rebuild_artifact(dest, onnx=True)
         removed = plan.removed_fraction() if hasattr(plan, "removed_fraction") else None
         print(f"synthetic {kind}: removed fraction of gated params = {removed}", flush=True)
         paths[f"{kind}_pruned"] = dest
@@ -291,6 +300,30 @@ async def generate_load(url: str, key: str, model: str, streams: int, duration: 
     return {"tok_s": tokens / wall, "tokens": tokens, "errors": errors}
 
 
+def latency_table(artifact: Path, threads: int | None) -> list[str]:
+    """core.report's latency rows (pruned vs dense, fp32 and int8, torch and ONNX
+    Runtime), the same run as `finegates bench --no-save`."""
+    import torch
+
+    from core.package import measure
+    from core.report import format_report
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    rep = measure(artifact)
+    took = time.perf_counter() - t0
+    return [
+        "### compression report latency (quick report)",
+        "",
+        "```",
+        format_report(rep),
+        f"(report latency+int8 took {took:.1f} s; timing block: {rep.get('timing', {}).get('elapsed_s')} s)",
+        "```",
+        "",
+    ]
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -315,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-lm", action="store_true")
     ap.add_argument("--skip-cls", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument(
+        "--latency", action="store_true",
+        help="also the compression report's latency table of --cls-pruned (fp32 and int8)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fg-bench-inf-"))
@@ -324,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         args.cls_pruned = args.cls_pruned or p["cls_pruned"]
         args.cls_dense = args.cls_dense or p["cls_dense"]
         args.lm_pruned = args.lm_pruned or p["lm_pruned"]
-        args.lm_dense = args.lm_dense or str(p["lm_dense"])
+        args.lm_dense = args.lm_dense or str(p["lmfull_pruned"])
     if args.lm_dense and not Path(args.lm_dense).exists():
         from core.catalog import resolve_model
 
@@ -398,30 +435,46 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_lm:
         dur = args.lm_duration or args.duration
-        srv = Server(data_dir, {}, args.threads)
-        res: dict[tuple[str, int], dict] = {}
-        try:
-            for which in ("lm-pruned", "lm-dense"):
-                asyncio.run(generate_load(srv.url, key, which, 1, 0.5, 4))  # warm up
-                for streams in (1, args.streams):
-                    r = asyncio.run(
-                        generate_load(srv.url, key, which, streams, dur, args.max_tokens)
-                    )
-                    res[(which, streams)] = r
-                    print(f"{which} streams={streams}: {r}", flush=True)
-        finally:
-            srv.stop()
+        res: dict[tuple[str, str, int], dict] = {}
+        for bd in ("on", "off"):
+            srv = Server(
+                data_dir, {"FINEGATES_INFERENCE_BATCHED_DECODING": "1" if bd == "on" else "0"},
+                args.threads,
+            )  # fmt: skip
+            try:
+                for which in ("lm-pruned", "lm-dense"):
+                    asyncio.run(generate_load(srv.url, key, which, 1, 0.5, 4))  # warm up
+                    for streams in (1, args.streams):
+                        r = asyncio.run(
+                            generate_load(srv.url, key, which, streams, dur, args.max_tokens)
+                        )
+                        res[(which, bd, streams)] = r
+                        print(f"{which} batched_decoding={bd} streams={streams}: {r}", flush=True)
+            finally:
+                srv.stop()
         lines += [
             f"### SmolLM2 generation, max_tokens {args.max_tokens}, greedy, {dur:.0f} s",
             "",
-            "| streams | pruned tok/s | dense tok/s | pruned / dense |",
-            "|---:|---:|---:|---:|",
+            "| streams | batched decoding | pruned tok/s | dense tok/s | pruned / dense |",
+            "|---:|---|---:|---:|---:|",
         ]
-        for streams in (1, args.streams):
-            p, d = res[("lm-pruned", streams)], res[("lm-dense", streams)]
-            rr = p["tok_s"] / d["tok_s"] if d["tok_s"] else float("nan")
-            lines.append(f"| {streams} | {p['tok_s']:.1f} | {d['tok_s']:.1f} | {rr:.2f}x |")
+        for bd in ("on", "off"):
+            for streams in (1, args.streams):
+                p, d = res[("lm-pruned", bd, streams)], res[("lm-dense", bd, streams)]
+                rr = p["tok_s"] / d["tok_s"] if d["tok_s"] else float("nan")
+                lines.append(
+                    f"| {streams} | {bd} | {p['tok_s']:.1f} | {d['tok_s']:.1f} | {rr:.2f}x |"
+                )
+        for which in ("lm-pruned", "lm-dense"):
+            on, off = res[(which, "on", args.streams)], res[(which, "off", args.streams)]
+            ratio = on["tok_s"] / off["tok_s"] if off["tok_s"] else float("nan")
+            lines.append(
+                f"- {which}: {args.streams} streams, batched / unbatched aggregate tok/s "
+                f"{ratio:.2f}x (target >= 3x)"
+            )
         lines.append("")
+    if args.latency and args.cls_pruned and (Path(args.cls_pruned) / "manifest.json").is_file():
+        lines += latency_table(Path(args.cls_pruned), args.threads)
     print("\n".join(lines))
     return 0
 

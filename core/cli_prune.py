@@ -40,7 +40,11 @@ def register(subparsers) -> None:
     b = subparsers.add_parser("bench", help="compression report: params, sizes, latency")
     b.add_argument("artifact_dir", type=Path)
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--runs", type=int, default=20, help="timed runs per model and shape")
+    b.add_argument(
+        "--runs", type=int, default=20,
+        help="at most this many timed rounds per shape (fewer once the ratios are tight or "
+        "the 30 s latency budget is spent)",
+    )  # fmt: skip
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument(
         "--shapes",

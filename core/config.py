@@ -26,6 +26,8 @@ TRAINABLE_MODES = ("gates", "gates+lora", "gates+weights")
 OBJECTIVES = ("calibrated", "paper")
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+# how the finished model is served (core.quantize): int8 on request, or "auto" when measured safe
+SERVING_PRECISIONS = ("auto", "fp32", "int8")
 
 # Defaults from method.md §2 (reference scripts) unless noted.
 DEFAULT_GATE_LR = 1e-2  # method.md measures MiniLM at gate lr 1e-2; 1e-3 needs ~10x the steps
@@ -159,6 +161,7 @@ class Hyperparameters:
     distillation: float | str = AUTO  # KL-to-dense-teacher weight; "auto": by task
     distill_temperature: float = 2.0
     recovery: bool = False  # once on target, freeze the gates; train the rest on
+    serving_precision: str = "auto"  # "int8" | "fp32" | "auto" (int8 when within tolerance)
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -236,6 +239,7 @@ class Hyperparameters:
                 "calibration_batches",
                 "must be >= 1 when importance_init is not 'none' or compensation is on",
             )
+        s.serving_precision = _choice("serving_precision", s.serving_precision, SERVING_PRECISIONS)
         return s
 
     # ------------------------------------------------------------------ (de)serialise
@@ -263,8 +267,10 @@ class Hyperparameters:
         return asdict(self)
 
     def is_resolved(self) -> bool:
-        """True when no numeric field is still "auto" (precision "auto" is a mode, not a number)."""
-        return not any(_is_auto(v) for k, v in asdict(self).items() if k != "precision")
+        """True when no numeric field is still "auto" (the precisions' "auto" is a mode, not a
+        number)."""
+        modes = ("precision", "serving_precision")
+        return not any(_is_auto(v) for k, v in asdict(self).items() if k not in modes)
 
     def resolve(self, n_train: int, task: str, family: str | None = None) -> Hyperparameters:
         """Replace every "auto" with a number chosen from dataset size and task.

@@ -84,7 +84,7 @@ def load_base(
     }
     if task == "classification":
         if problem_type == "regression":
-            kw = {"num_labels": 1, "problem_type": "regression"}
+            kw: dict[str, Any] = {"num_labels": 1, "problem_type": "regression"}
         else:
             if not labels:
                 raise UnsupportedModelError("classification needs the list of class labels")

@@ -61,6 +61,7 @@ from core.errors import ArtifactError, PruningError
 from core.manifest import HF_DIR, MANIFEST, ONNX, REPORT, WEIGHTS, Manifest
 from core.onnx_export import export_onnx
 from core.prune import compression_figures, diff_and_scale, prune_model
+from core.quantize import INT8_ONNX, quantize_onnx, validation_set
 from core.report import BUSY_PREFIX, DEFAULT_SHAPES, compression_report
 from core.rundir import RunDir, load_gated_run
 from core.structure import describe
@@ -128,7 +129,8 @@ class ArtifactResult:
         rows = [r for r in (self.report or {}).get("latency", []) if isinstance(r, dict)]
         if rows:
             keep = (
-                "backend", "batch", "seq_len", "dense_ms", "pruned_ms", "ratio", "speedup",
+                "backend", "precision", "batch", "seq_len", "dense_ms", "pruned_ms", "ratio",
+                "speedup", "vs_dense_fp32",
                 "dense_p10_ms", "dense_p90_ms", "pruned_p10_ms", "pruned_p90_ms",
             )  # fmt: skip
             out["latency"] = [{k: r.get(k) for k in keep if k in r} for r in rows]
@@ -353,12 +355,18 @@ def run_results(run_dir: str | Path) -> dict[str, Any]:
 
 def downloads(manifest: Manifest) -> dict[str, int]:
     """Bytes of what can be downloaded: the default tar (weights, manifest, tokenizer,
-    report; no ONNX, no hf/ copy), and the single files."""
+    report; no ONNX files, no hf/ copy), and the single files."""
     files = manifest.files
-    tar = sum(e["size"] for n, e in files.items() if n != ONNX and not n.startswith(HF_DIR + "/"))
+    tar = sum(
+        e["size"]
+        for n, e in files.items()
+        if n not in (ONNX, INT8_ONNX) and not n.startswith(HF_DIR + "/")
+    )
     out = {"tar": tar, "safetensors": files[WEIGHTS]["size"] if WEIGHTS in files else 0}
     if ONNX in files:
         out["onnx"] = files[ONNX]["size"]
+    if INT8_ONNX in files:
+        out["onnx-int8"] = files[INT8_ONNX]["size"]
     return out
 
 
@@ -475,6 +483,15 @@ def _complete(
             skipped("onnx", "ONNX export", exc)
         else:
             emit(PackageEvent("onnx", "info", "Exported the pruned model to ONNX"))
+    if onnx and (stage / ONNX).is_file():
+        try:
+            quantize_onnx(stage / ONNX, stage / INT8_ONNX)
+        except Exception as exc:  # optional extra
+            (stage / INT8_ONNX).unlink(missing_ok=True)
+            log.warning("int8 ONNX quantization failed", exc_info=True)
+            skipped("onnx", "int8 ONNX quantization", exc)
+        else:
+            emit(PackageEvent("onnx", "info", f"Quantized model.onnx to int8 ({INT8_ONNX})"))
     rep: dict[str, Any] | None = None
     if report:
         kw = dict(report_kw)
@@ -515,6 +532,7 @@ def _complete(
         what = f"{type(exc).__name__}: {exc}"[:300]
         raise PruningError(f"publishing the pruned artifact failed ({what})") from exc
     formats = ["safetensors"] + (["onnx"] if ONNX in manifest.files else [])
+    formats += ["onnx-int8"] if INT8_ONNX in manifest.files else []
     return ArtifactResult(dest, manifest, rep, formats, _folder_bytes(dest), warnings)
 
 
@@ -549,6 +567,7 @@ def build_artifact(
             results = run_results(run_dir)
             pr.fields["metrics"] = _task_metrics(results.get("eval_metrics"))
             write_artifact(pr.pruned, pr.tokenizer, stage, **pr.fields)
+            validation = validation_set(run_dir, pr.tokenizer, pr.fields) if report else None
             del pr
             # export and measure what will be served: the model as read back from disk
             loaded = load_artifact(stage, load_tokenizer=False)
@@ -566,6 +585,7 @@ def build_artifact(
             "runs": runs,
             "warmup": warmup,
             "decode_tokens": decode_tokens,
+            "validation": validation,
         }
         return _complete(
             stage, dest, loaded.model, loaded.manifest, emit,
@@ -666,7 +686,7 @@ def rebuild_artifact(
     stage = staging_dir(dest)
     try:
         _copy_verified(src, stage, manifest)
-        for name in ([ONNX] if onnx else []) + ([REPORT] if report else []):
+        for name in ([ONNX, INT8_ONNX] if onnx else []) + ([REPORT] if report else []):
             (stage / name).unlink(missing_ok=True)  # replaced, never kept stale
         loaded = load_artifact(stage, verify=False, load_tokenizer=False)  # just checked
         report_kw = {

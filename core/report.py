@@ -10,6 +10,12 @@ kernels, same fused projections), so the ratio measures what pruning buys.
 Latency: for each shape, dense and pruned runs ALTERNATE in one process (dense, pruned,
 dense, ...) after warm-up, and the median of each is reported with ratio = pruned/dense
 next to the FLOP-ideal ratio (Linear + attention-matmul MACs, pruned/dense, same shape).
+Each precision (fp32, and int8: core.quantize) is a row of its own, timed in the same
+rounds as fp32, with ``vs_dense_fp32`` = pruned time / dense fp32 time. The rounds are
+adaptive (quick report): they stop once every ratio's 95% CI is within 5% of it, or at
+``runs`` rounds, or when the latency budget (30 s for the whole table) is spent; each
+row keeps its spread (IQR of both sides, CI of the ratio) and ``timing`` says whether
+the machine was busy (load average) or a ratio's CI stayed wide.
 Decoders: the rows are prefill (logits of the last position), plus decode tokens/s at
 batch 1.
 """
@@ -17,6 +23,7 @@ batch 1.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import platform
 import statistics
@@ -43,16 +50,20 @@ if TYPE_CHECKING:
     from core.pruned.llama import LlamaBlock
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 64), (32, 128))
+LATENCY_BUDGET_S = 30.0  # the whole latency table (every backend, precision and shape)
 
 __all__ = [
     "dense_reference",
     "flop_count",
     "alternating_medians",
+    "adaptive_timing",
+    "median_ci",
     "compression_report",
     "format_report",
     "machine_info",
     "timing_warning",
     "summarize",
+    "spread",
 ]
 
 
@@ -128,24 +139,89 @@ def alternating_medians(
     fns: dict[str, Callable[[], Any]], runs: int = 20, warmup: int = 3
 ) -> dict[str, float]:
     """Median wall time (ms) per function, calls interleaved so drift hits all equally."""
+    return {k: v["median_ms"] for k, v in adaptive_timing(fns, runs, warmup, runs).items()}
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median_ci(xs: list[float]) -> tuple[float, float]:
+    """Distribution-free ~95% confidence interval of the median (order statistics:
+    ranks n/2 -+ 0.98 sqrt(n)); the whole range for fewer than 6 values."""
+    xs = sorted(xs)
+    n = len(xs)
+    if n < 6:
+        return (xs[0], xs[-1]) if xs else (float("nan"), float("nan"))
+    half = 0.98 * math.sqrt(n)
+    lo = max(0, int(math.floor(n / 2 - half)))
+    hi = min(n - 1, int(math.ceil(n / 2 + half)))
+    return xs[lo], xs[hi]
+
+
+def adaptive_timing(
+    fns: dict[str, Callable[[], Any]],
+    max_runs: int = 20,
+    warmup: int = 3,
+    min_runs: int = 5,
+    budget_s: float | None = None,
+    pairs: Iterable[tuple[str, str]] = (),
+    rel_ci: float = 0.05,
+) -> dict[str, dict[str, Any]]:
+    """Interleaved timing rounds (every function once per round, so drift hits all
+    equally) until each ratio ``a/b`` of ``pairs`` has a 95% CI narrower than ``rel_ci``
+    of its value (after ``min_runs`` rounds), or ``max_runs`` rounds, or ``budget_s``.
+
+    Per function: median_ms, p25_ms, p75_ms, runs, and the raw times (ms). The ratio of
+    a pair is taken per round (paired: both ran back to back) so a slow second for the
+    machine hits both sides."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    pairs = list(pairs)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
+    t_start = time.perf_counter()
+    min_runs = min(min_runs, max_runs)
+    for n in range(1, max_runs + 1):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t0) * 1e3)
-    return Timings({k: statistics.median(v) for k, v in times.items()}, times)
+        over = budget_s is not None and time.perf_counter() - t_start >= budget_s
+        if over and n >= min(3, max_runs):  # out of time: 3 rounds give a median and IQR
+            break
+        if n < min_runs:
+            continue
+        if pairs and all(_ci_tight(times[a], times[b], rel_ci) for a, b in pairs):
+            break
+    return {
+        k: {
+            "median_ms": statistics.median(v),
+            "p25_ms": _quantile(v, 0.25),
+            "p75_ms": _quantile(v, 0.75),
+            "runs": len(v),
+            "times_ms": v,
+        }
+        for k, v in times.items()
+    }
 
 
-class Timings(dict):
-    """Medians by name (a plain dict to read), with every sample kept in ``samples``."""
+def paired_ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median of the per-round ratios a/b and its ~95% CI."""
+    r = [x / y for x, y in zip(a, b, strict=True) if y > 0]
+    lo, hi = median_ci(r)
+    return statistics.median(r), lo, hi
 
-    def __init__(self, medians: dict[str, float], samples: dict[str, list[float]]):
-        super().__init__(medians)
-        self.samples = samples
+
+def _ci_tight(a: list[float], b: list[float], rel: float) -> bool:
+    mid, lo, hi = paired_ratio(a, b)
+    return mid > 0 and (hi - lo) <= rel * mid
 
 
 def spread(samples: list[float]) -> dict[str, float]:
@@ -224,10 +300,18 @@ def compression_report(
     decode_tokens: int = 32,
     decode_runs: int = 5,
     dense: nn.Module | None = None,
+    precisions: tuple[str, ...] = ("fp32", "int8"),
+    budget_s: float | None = LATENCY_BUDGET_S,
+    min_runs: int = 5,
+    validation: dict[str, Any] | None = None,
 ) -> dict:
-    """The report as a JSON-able dict (contract keys at the top level)."""
+    """The report as a JSON-able dict (contract keys at the top level).
+
+    ``runs`` caps the timed rounds per shape; timing stops earlier once the ratios are
+    tight or ``budget_s`` (all latency rows together) is spent. ``validation``:
+    {"examples": encoded classification examples, "pad_token_id", "regression"}, to
+    measure the int8 model's metric against fp32 (the ``int8.validation`` block)."""
     comp = dict(manifest.compression)
-    load_before = _load_average()
     if dense is None:
         dense = dense_reference(model, manifest.original_shape)
     model.eval()
@@ -265,71 +349,218 @@ def compression_report(
         files["dense_fp32_estimate"] = _n_params(dense) * 4
     report["file_sizes"] = files
 
-    rows = []
+    t_start = time.perf_counter()
+    load_before = _load_average()
+    groups = len(shapes) * sum(1 for k in ("torch", "onnxruntime") if k in backends)
+    clock = _Budget(budget_s, groups)
+    timing_kw = {"max_runs": runs, "warmup": warmup, "min_runs": min_runs}
+    rows: list[dict] = []
+    int8_models: dict[str, nn.Module] = {}
     if "torch" in backends:
+        variants: dict[str, tuple[nn.Module, nn.Module]] = {"fp32": (dense, model)}
+        if "int8" in precisions:
+            from core.quantize import torch_int8
+
+            int8_models = {"dense": torch_int8(dense), "pruned": torch_int8(model)}
+            variants["int8"] = (int8_models["dense"], int8_models["pruned"])
         for b, t in shapes:
             ids, mask = _inputs(model, b, t)
-            med = alternating_medians(
-                {"dense": _torch_fn(dense, ids, mask), "pruned": _torch_fn(model, ids, mask)},
-                runs=runs,
-                warmup=warmup,
-            )
-            rows.append(_row("torch", b, t, med, model, dense, lm_pos))
+            fns = {}
+            for prec, (dm, pm) in variants.items():
+                fns[f"dense/{prec}"] = _torch_fn(dm, ids, mask)
+                fns[f"pruned/{prec}"] = _torch_fn(pm, ids, mask)
+            timed = adaptive_timing(fns, budget_s=clock.next(), pairs=_pairs(variants), **timing_kw)
+            rows += _rows("torch", b, t, timed, model, dense, lm_pos)
     if "onnxruntime" in backends:
-        rows += _onnx_rows(model, dense, shapes, runs, warmup, lm_pos)
+        rows += _onnx_rows(model, dense, shapes, lm_pos, precisions, clock, timing_kw)
     report["latency"] = rows
     if is_lm and decode_tokens > 1:
         report["decode"] = _decode_tok_s(dense, model, 64, decode_tokens, decode_runs)
+    report["timing"] = _timing_block(rows, load_before, time.perf_counter() - t_start, budget_s)
     report["machine"] = machine_info(load_before)
     report["timing_warning"] = timing_warning(report)
+    if report["timing_warning"]:
+        report["timing"]["warnings"].insert(0, report["timing_warning"])
+    if "int8" in precisions:
+        report["int8"] = _int8_block(rows, model, int8_models, artifact_dir, validation)
     report["summary"] = summarize(report)
     return report
 
 
-def _row(backend, b, t, med, model, dense, lm_pos) -> dict:
-    ideal = flop_count(model, b, t, lm_pos) / flop_count(dense, b, t, lm_pos)
-    ratio = med["pruned"] / med["dense"]
-    row = {
-        "backend": backend,
-        "batch": b,
-        "seq_len": t,
-        "dense_ms": round(med["dense"], 4),
-        "pruned_ms": round(med["pruned"], 4),
-        "ratio": ratio,
-        "speedup": med["dense"] / med["pruned"] if med["pruned"] > 0 else None,
-        "flop_ideal_ratio": ideal,
-        "measured_over_ideal": ratio / ideal,
+class _Budget:
+    """Splits a time budget over the timing groups still to run (what one group leaves
+    unspent goes to the next)."""
+
+    def __init__(self, total_s: float | None, groups: int) -> None:
+        self.total = total_s
+        self.left = max(1, groups)
+        self.t0 = time.perf_counter()
+
+    def next(self) -> float | None:
+        if self.total is None:
+            return None
+        spent = time.perf_counter() - self.t0
+        share = max(0.0, self.total - spent) / self.left
+        self.left = max(1, self.left - 1)
+        return share
+
+
+def _pairs(variants: Iterable[str]) -> list[tuple[str, str]]:
+    """The ratios whose CI decides when timing may stop."""
+    out = [(f"pruned/{p}", f"dense/{p}") for p in variants]
+    if "int8" in variants:
+        out.append(("pruned/int8", "dense/fp32"))
+    return out
+
+
+WIDE_CI = 0.10  # a ratio CI wider than this share of the ratio is called noisy
+
+
+def _timing_block(rows: list[dict], before: float | None, elapsed: float, budget) -> dict:
+    after = _load_average()
+    warnings: list[str] = []
+    noisy = [
+        f"{r['backend']}/{r['precision']} {r['batch']}x{r['seq_len']}"
+        for r in rows
+        if r.get("ratio_ci95")
+        and r["ratio"] > 0
+        and (r["ratio_ci95"][1] - r["ratio_ci95"][0]) > WIDE_CI * r["ratio"]
+    ]
+    if noisy:
+        warnings.append(
+            f"wide confidence interval (> {WIDE_CI:.0%} of the ratio) for: {', '.join(noisy)}"
+        )
+    return {
+        "method": "interleaved rounds, adaptive: stop when every pruned/dense ratio's 95% "
+        "CI is within 5% of it, or at the run cap, or at the time budget",
+        "budget_s": budget,
+        "elapsed_s": round(elapsed, 2),
+        "load_avg_before": before,
+        "load_avg_after": after,
+        "warnings": warnings,
     }
-    samples = getattr(med, "samples", None)
-    if samples:
-        for k in ("dense", "pruned"):
-            sp = spread(samples[k])
-            row[f"{k}_p10_ms"], row[f"{k}_p90_ms"] = sp["p10_ms"], sp["p90_ms"]
-            row[f"{k}_relative_spread"] = sp["relative_spread"]
-    return row
 
 
-def _onnx_rows(model, dense, shapes, runs, warmup, lm_pos) -> list[dict]:
+def _rows(backend, b, t, timed, model, dense, lm_pos) -> list[dict]:
+    """One row per precision timed: dense and pruned of that precision, side by side;
+    ``vs_dense_fp32`` divides the pruned time by the dense fp32 time of the same
+    backend and shape."""
+    ideal = flop_count(model, b, t, lm_pos) / flop_count(dense, b, t, lm_pos)
+    base = timed["dense/fp32"]
+    out = []
+    for prec in ("fp32", "int8"):
+        if f"dense/{prec}" not in timed:
+            continue
+        d, p = timed[f"dense/{prec}"], timed[f"pruned/{prec}"]
+        ratio = p["median_ms"] / d["median_ms"]
+        _, lo, hi = paired_ratio(p["times_ms"], d["times_ms"])
+        _, vlo, vhi = paired_ratio(p["times_ms"], base["times_ms"])
+        out.append(
+            {
+                "backend": backend,
+                "precision": prec,
+                "batch": b,
+                "seq_len": t,
+                "dense_ms": round(d["median_ms"], 4),
+                "pruned_ms": round(p["median_ms"], 4),
+                "ratio": ratio,
+                "speedup": d["median_ms"] / p["median_ms"] if p["median_ms"] > 0 else None,
+                "flop_ideal_ratio": ideal,
+                "measured_over_ideal": ratio / ideal,
+                "vs_dense_fp32": p["median_ms"] / base["median_ms"],
+                "runs": p["runs"],
+                "ratio_ci95": [lo, hi],
+                "vs_dense_fp32_ci95": [vlo, vhi],
+                "dense_iqr_ms": [round(d["p25_ms"], 4), round(d["p75_ms"], 4)],
+                "pruned_iqr_ms": [round(p["p25_ms"], 4), round(p["p75_ms"], 4)],
+            }
+        )
+        for k, v in (("dense", d), ("pruned", p)):
+            sp = spread(v["times_ms"])
+            out[-1][f"{k}_p10_ms"], out[-1][f"{k}_p90_ms"] = sp["p10_ms"], sp["p90_ms"]
+            out[-1][f"{k}_relative_spread"] = sp["relative_spread"]
+    return out
+
+
+def _onnx_rows(model, dense, shapes, lm_pos, precisions, clock, timing_kw) -> list[dict]:
     from core.onnx_export import OnnxRunner, export_onnx
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        pd = export_onnx(dense, Path(tmp) / "dense.onnx", last_only=True)
-        pp = export_onnx(model, Path(tmp) / "pruned.onnx", last_only=True)
-        rd, rp = OnnxRunner(pd), OnnxRunner(pp)
+        files = {
+            "dense/fp32": export_onnx(dense, Path(tmp) / "dense.onnx", last_only=True),
+            "pruned/fp32": export_onnx(model, Path(tmp) / "pruned.onnx", last_only=True),
+        }
+        if "int8" in precisions:
+            from core.quantize import quantize_onnx
+
+            for side in ("dense", "pruned"):
+                files[f"{side}/int8"] = quantize_onnx(
+                    files[f"{side}/fp32"], Path(tmp) / f"{side}.int8.onnx"
+                )
+        runners = {k: OnnxRunner(f) for k, f in files.items()}
+        variants = sorted({k.split("/")[1] for k in files})
         for b, t in shapes:
             ids, mask = _inputs(model, b, t)
             x, am = ids.numpy(), mask.numpy()
-            med = alternating_medians(
-                {
-                    "dense": partial(rd, x, am),
-                    "pruned": partial(rp, x, am),
-                },
-                runs=runs,
-                warmup=warmup,
-            )
-            rows.append(_row("onnxruntime", b, t, med, model, dense, lm_pos))
+            fns = {k: partial(r, x, am) for k, r in runners.items()}
+            timed = adaptive_timing(fns, budget_s=clock.next(), pairs=_pairs(variants), **timing_kw)
+            rows += _rows("onnxruntime", b, t, timed, model, dense, lm_pos)
     return rows
+
+
+def _int8_block(rows, model, int8_models, artifact_dir, validation) -> dict:
+    """Which int8 form serving uses (the faster one at the largest batch timed) and, when
+    a validation set was given, the accuracy of fp32 and int8 on it."""
+    from core.quantize import INT8_ONNX, int8_verdict, validation_metrics
+
+    int8_rows = [r for r in rows if r["precision"] == "int8"]
+    serving = "torch"
+    if int8_rows:
+        big = max(int8_rows, key=lambda r: (r["batch"] * r["seq_len"], r["backend"] == "torch"))
+        same = [
+            r for r in int8_rows if (r["batch"], r["seq_len"]) == (big["batch"], big["seq_len"])
+        ]
+        serving = min(same, key=lambda r: r["pruned_ms"])["backend"]
+    onnx_file = artifact_dir is not None and (Path(artifact_dir) / INT8_ONNX).is_file()
+    if serving == "onnxruntime" and not onnx_file:
+        serving = "torch"
+    block: dict[str, Any] = {
+        "quantization": "dynamic int8 of every Linear (weights per tensor, activations "
+        "per call); torch: torch.ao quantize_dynamic at load; onnxruntime: quantize_dynamic "
+        f"QInt8 ({INT8_ONNX})",
+        "serving_backend": serving,
+        "onnx_file": INT8_ONNX if onnx_file else None,
+        "validation": None,
+    }
+    if validation is None or isinstance(model, PrunedLlamaModel):
+        return block
+    q = int8_models.get("pruned")
+    if q is None:
+        from core.quantize import torch_int8
+
+        q = torch_int8(model)
+    runners = {"fp32": _enc_logits(model), "int8": _enc_logits(q)}
+    if serving == "onnxruntime":
+        from core.onnx_export import OnnxRunner
+
+        r = OnnxRunner(Path(artifact_dir) / INT8_ONNX)
+        runners["int8"] = lambda f: r(f["input_ids"], f["attention_mask"], f.get("token_type_ids"))
+    m = validation_metrics(
+        runners, validation["examples"], int(validation.get("pad_token_id") or 0),
+        regression=bool(validation.get("regression")),
+    )  # fmt: skip
+    block["validation"] = int8_verdict(
+        m["fp32"], m["int8"], len(validation["examples"]), bool(validation.get("regression"))
+    )
+    return block
+
+
+def _enc_logits(model: nn.Module) -> Callable[[dict], Any]:
+    def run(feeds: dict) -> Any:
+        return model(feeds["input_ids"], feeds["attention_mask"], feeds.get("token_type_ids"))
+
+    return run
 
 
 def format_report(r: dict) -> str:
@@ -357,17 +588,28 @@ def format_report(r: dict) -> str:
         lines.append(f"  {name}: {size / 1e6:.2f} MB")
     lines.append("  latency (median ms, dense vs pruned, ratio = pruned/dense):")
     for row in r.get("latency", []):
-        lines.append(
-            f"    {row['backend']:<12} {row['batch']:>3}x{row['seq_len']:<4} "
-            f"{row['dense_ms']:9.2f} {row['pruned_ms']:9.2f}  ratio {row['ratio']:.3f} "
-            f"(ideal {row['flop_ideal_ratio']:.3f}, measured/ideal "
-            f"{row['measured_over_ideal']:.2f})"
-            + (
+        ci = row.get("ratio_ci95")
+        band = f" CI [{ci[0]:.3f}, {ci[1]:.3f}], {row.get('runs')} runs" if ci else ""
+        if "dense_p10_ms" in row:
+            band += (
                 f"  p10-p90 dense {row['dense_p10_ms']:.2f}-{row['dense_p90_ms']:.2f}, "
                 f"pruned {row['pruned_p10_ms']:.2f}-{row['pruned_p90_ms']:.2f}"
-                if "dense_p10_ms" in row
-                else ""
             )
+        lines.append(
+            f"    {row['backend']:<12} {row.get('precision', 'fp32'):<5} "
+            f"{row['batch']:>3}x{row['seq_len']:<4} "
+            f"{row['dense_ms']:9.2f} {row['pruned_ms']:9.2f}  ratio {row['ratio']:.3f} "
+            f"(ideal {row['flop_ideal_ratio']:.3f}, measured/ideal "
+            f"{row['measured_over_ideal']:.2f}; vs dense fp32 "
+            f"{row.get('vs_dense_fp32', row['ratio']):.3f}){band}"
+        )
+    for w in (r.get("timing") or {}).get("warnings", []):
+        lines.append(f"  warning: {w}")
+    val = (r.get("int8") or {}).get("validation")
+    if val:
+        lines.append(
+            f"  int8 validation {val['metric']}: fp32 {val['fp32']:.4f}, int8 {val['int8']:.4f} "
+            f"on {val['examples']} examples (within {val['tolerance']}: {val['within_tolerance']})"
         )
     d = r.get("decode")
     if d:
@@ -375,15 +617,13 @@ def format_report(r: dict) -> str:
             f"  decode: {d['dense_tok_s']:.1f} -> {d['pruned_tok_s']:.1f} tok/s "
             f"(x{d['ratio']:.2f}; FLOP-ideal x{d['flop_ideal_speedup']:.2f})"
         )
-    m = r.get("machine")
-    if m:
+    mi = r.get("machine")
+    if mi:
         lines.append(
-            f"  measured on {m.get('cpu')} ({m.get('logical_cpus')} CPUs, "
-            f"{m.get('torch_threads')} torch threads, load average "
-            f"{m.get('load_average_before')} -> {m.get('load_average_after')})"
+            f"  measured on {mi.get('cpu')} ({mi.get('logical_cpus')} CPUs, "
+            f"{mi.get('torch_threads')} torch threads, load average "
+            f"{mi.get('load_average_before')} -> {mi.get('load_average_after')})"
         )
-    if r.get("timing_warning"):
-        lines.append(f"  WARNING: {r['timing_warning']}")
     return "\n".join(lines)
 
 
@@ -430,6 +670,7 @@ def timing_warning(report: dict[str, Any]) -> str | None:
     loads = [x for x in (m.get("load_average_before"), m.get("load_average_after")) if x]
     noisy = [
         f"{r['backend']} {r['batch']}x{r['seq_len']}"
+        + (f" {r['precision']}" if r.get("precision", "fp32") != "fp32" else "")
         for r in report.get("latency", [])
         if max(r.get("dense_relative_spread", 0.0), r.get("pruned_relative_spread", 0.0))
         > NOISY_SPREAD
@@ -451,7 +692,11 @@ def timing_warning(report: dict[str, Any]) -> str | None:
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """How much smaller and how much faster, as fields and one sentence."""
     files = report.get("file_sizes") or {}
-    rows = [r for r in report.get("latency", []) if r.get("backend") == "torch"]
+    rows = [
+        r
+        for r in report.get("latency", [])
+        if r.get("backend") == "torch" and r.get("precision", "fp32") == "fp32"
+    ]
     row = min(rows, key=lambda r: r["batch"] * r["seq_len"], default=None)
     out: dict[str, Any] = {
         "gated_removed_fraction": report.get("gated_removed_fraction"),

@@ -117,6 +117,29 @@ def _logits_of(out: Any) -> torch.Tensor:
 
 # ---------------------------------------------------------------- classification
 
+PAD_WASTE = 1.25  # a bucket's padded tokens may be at most this times its real tokens
+MIN_BUCKET = 8  # ... unless it has fewer rows than this (a call has a fixed cost too)
+
+
+def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices grouped by similar length: sorted by length, a new bucket starts when
+    adding the next (longer) input would pad the bucket beyond ``PAD_WASTE`` x its real
+    tokens and the bucket already has ``MIN_BUCKET`` rows."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        if cur and len(cur) >= MIN_BUCKET and (len(cur) + 1) * n > PAD_WASTE * (real + n):
+            buckets.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    if cur:
+        buckets.append(cur)
+    return buckets
+
 
 @dataclass
 class Encoded:
@@ -139,8 +162,10 @@ class ClassifierBackend:
         backend: str = "torch",
         regression: bool = False,
         onnx_session: Any = None,
+        precision: str = "fp32",
     ) -> None:
         self.model = model
+        self.precision = precision  # "fp32" | "int8" (core.quantize)
         self.tokenizer = tokenizer
         self.labels = [id2label[i] for i in sorted(id2label)]
         self.max_length = int(max_length)
@@ -210,7 +235,19 @@ class ClassifierBackend:
             return _logits_of(self.model(**kwargs)).float()
 
     def predict(self, batch: Sequence[Encoded]) -> list[dict[str, Any]]:
-        """One model call for the whole batch; one result dict per input, in order."""
+        """One result dict per input, in order: the batch sorted by length and cut into
+        buckets of similar length (``length_buckets``), one model call per bucket, so
+        a micro-batch of one long and 31 short inputs does not pad 31 rows to the long
+        one."""
+        if len(batch) <= 1:
+            return self._predict(batch)
+        out: list[dict[str, Any] | None] = [None] * len(batch)
+        for bucket in length_buckets([len(e.input_ids) for e in batch]):
+            for i, r in zip(bucket, self._predict([batch[i] for i in bucket]), strict=True):
+                out[i] = r
+        return [r for r in out if r is not None]
+
+    def _predict(self, batch: Sequence[Encoded]) -> list[dict[str, Any]]:
         logits = self.logits(batch)  # (B, num_labels)
         results: list[dict[str, Any]] = []
         if self.regression:
@@ -289,11 +326,15 @@ class CausalLMBackend:
     task = "causal_lm"
     backend = "torch"
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int, hf_style: bool) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, max_length: int, hf_style: bool, precision: str = "fp32"
+    ) -> None:
         self.model = model
+        self.precision = precision
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.hf_style = hf_style
+        self.batch_decoder: Any = None  # api.inference.decode_batch.DecodeBatcher, lazily
         self._tok_lock = threading.Lock()  # see ClassifierBackend: tokenizer state is shared
         eos = getattr(tokenizer, "eos_token_id", None)
         cfg_eos = getattr(getattr(model, "config", None), "eos_token_id", None)
@@ -364,6 +405,8 @@ def prefer_onnx(artifact_dir: Path, manifest: Manifest | None = None) -> bool:
     rows = report.get("latency") or []
     by_shape: dict[tuple[int, int], dict[str, float]] = {}
     for row in rows:
+        if not isinstance(row, dict) or row.get("precision", "fp32") != "fp32":
+            continue  # int8 rows choose the int8 form (serving_precision), not this
         try:
             shape = (int(row["batch"]), int(row["seq_len"]))
             by_shape.setdefault(shape, {})[str(row["backend"])] = float(row["pruned_ms"])
@@ -440,10 +483,37 @@ class UnsupportedTaskError(ValueError):
     """The model exists but cannot serve any inference route (e.g. a headless encoder)."""
 
 
-def load_artifact_backend(path: Path, classifier_backend: str = "auto") -> Any:
+def requested_precision(manifest: Manifest) -> str | None:
+    """The job's ``serving_precision`` hyperparameter, as the manifest recorded it."""
+    tc = manifest.training_config or {}
+    for hp in ((tc.get("config") or {}).get("hyperparameters"), tc.get("hyperparameters")):
+        if isinstance(hp, dict) and hp.get("serving_precision"):
+            return str(hp["serving_precision"])
+    return None
+
+
+def serving_precision(path: Path, manifest: Manifest, override: str = "job") -> tuple[str, dict]:
+    """(precision, the report's int8 block) for an artifact: the operator's override when
+    set, else the job's ``serving_precision``, else int8 only when the hashed report
+    measured int8 within tolerance of fp32 on the validation set (core.quantize)."""
+    from core.artifacts import read_report
+    from core.quantize import choose_precision
+
+    report = read_report(path, manifest) or {}
+    block = report.get("int8") if isinstance(report.get("int8"), dict) else {}
+    requested = override if override in ("fp32", "int8") else requested_precision(manifest)
+    precision, why = choose_precision(requested, report)
+    log.info("artifact %s serves %s (%s)", path.name, precision, why)
+    return precision, block or {}
+
+
+def load_artifact_backend(
+    path: Path, classifier_backend: str = "auto", precision_override: str = "job"
+) -> Any:
     """A FineGates artifact directory, loaded strictly by core.artifacts (hash-checked)."""
     from core.artifacts import load_artifact
     from core.manifest import ONNX
+    from core.quantize import INT8_ONNX, torch_int8
 
     loaded = load_artifact(path)
     model, tokenizer, manifest = loaded.model, loaded.tokenizer, loaded.manifest
@@ -451,15 +521,28 @@ def load_artifact_backend(path: Path, classifier_backend: str = "auto") -> Any:
         model.eval()
     task = (manifest.task or "").lower()
     limit = _model_limit(model, tokenizer, manifest.model_config)
+    precision, int8_info = serving_precision(path, manifest, precision_override)
     if task in GENERATION_TASKS:
         if getattr(tokenizer, "pad_token_id", None) is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
         names = _forward_kwargs(model)
         hf_style = "use_cache" in names and ("past_key_values" in names or "cache" in names)
-        return CausalLMBackend(model, tokenizer, limit, hf_style=hf_style)
+        if precision == "int8":
+            model = torch_int8(model)
+        return CausalLMBackend(model, tokenizer, limit, hf_style=hf_style, precision=precision)
     if task in CLASSIFICATION_TASKS:
         id2label = _id2label(manifest.id2label, model)
         regression = task == "regression" or manifest.problem_type == "regression"
+        kw: dict[str, Any] = {"regression": regression, "precision": precision}
+        if precision == "int8":
+            # the int8 form the report measured faster; its file only when the manifest
+            # lists it (load_artifact checked its hash)
+            int8_onnx = path / INT8_ONNX
+            if int8_info.get("serving_backend") == "onnxruntime" and (
+                INT8_ONNX in manifest.files and int8_onnx.is_file()
+            ):
+                return _onnx_backend(int8_onnx, tokenizer, id2label, limit, kw)
+            return ClassifierBackend(torch_int8(model), tokenizer, id2label, limit, **kw)
         onnx_path = path / ONNX
         # model.onnx is used only when the manifest lists it: load_artifact checked its hash
         has_onnx = ONNX in manifest.files and onnx_path.is_file()
@@ -467,30 +550,32 @@ def load_artifact_backend(path: Path, classifier_backend: str = "auto") -> Any:
             classifier_backend == "auto" and prefer_onnx(path, manifest)
         )
         if use_onnx and has_onnx:
-            session = _onnx_session(onnx_path)
-            backend = ClassifierBackend(
-                None,
-                tokenizer,
-                id2label,
-                limit,
-                backend="onnxruntime",
-                regression=regression,
-                onnx_session=session,
-            )
-            backend._onnx_bytes = onnx_path.stat().st_size
-            return backend
-        return ClassifierBackend(model, tokenizer, id2label, limit, regression=regression)
+            return _onnx_backend(onnx_path, tokenizer, id2label, limit, kw)
+        return ClassifierBackend(model, tokenizer, id2label, limit, **kw)
     raise UnsupportedTaskError(f"artifact {path.name} has task {task!r}, which is not servable")
 
 
-def load_backend(spec: ModelSpec, classifier_backend: str = "auto") -> Any:
+def _onnx_backend(
+    onnx_path: Path, tokenizer: Any, id2label: dict[int, str], limit: int, kw: dict
+) -> ClassifierBackend:
+    backend = ClassifierBackend(
+        None, tokenizer, id2label, limit, backend="onnxruntime",
+        onnx_session=_onnx_session(onnx_path), **kw,
+    )  # fmt: skip
+    backend._onnx_bytes = onnx_path.stat().st_size
+    return backend
+
+
+def load_backend(
+    spec: ModelSpec, classifier_backend: str = "auto", precision_override: str = "job"
+) -> Any:
     """A FineGates artifact when the folder has manifest.json, else a plain HF folder.
 
     A models row may point at a plain HF folder (e.g. a dense export); it is served dense.
     """
     path = Path(spec.path)
     if (path / "manifest.json").is_file():
-        return load_artifact_backend(path, classifier_backend)
+        return load_artifact_backend(path, classifier_backend, precision_override)
     if (path / "config.json").is_file():
         return load_dense(path)
     raise FileNotFoundError(

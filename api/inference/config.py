@@ -23,6 +23,10 @@ class InferenceConfig:
     default_max_tokens: int = 16  # OpenAI's completions default
     generation_workers: int = 16  # threads running generation loops
     classifier_backend: str = "auto"  # auto | torch | onnxruntime
+    # job: each artifact's serving_precision rule (core.quantize); fp32 | int8: for all
+    serving_precision: str = "job"
+    batched_decoding: bool = True  # concurrent streams of a FineGates decoder share forwards
+    max_decode_batch: int = 32  # streams per shared decoding step
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> InferenceConfig:

@@ -31,6 +31,7 @@ from .backends import (
 from .batcher import BatcherClosed, DirectRunner, MicroBatcher
 from .cache import ModelCache
 from .config import InferenceConfig
+from .decode_batch import DecodeBatcher
 from .generation import GenerationChunk, SamplingParams, generate_stream
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class InferenceEngine:
         with self._specs_lock:
             spec = self._specs[key]
         log.info("loading model %s from %s", spec.id, spec.path)
-        backend = load_backend(spec, self.config.classifier_backend)
+        backend = load_backend(spec, self.config.classifier_backend, self.config.serving_precision)
         runner: MicroBatcher | DirectRunner | None = None
         if isinstance(backend, ClassifierBackend):
             if self.config.batching:
@@ -102,6 +103,21 @@ class InferenceEngine:
     def _evict(key: tuple[str, str], model: LoadedModel) -> None:
         if model.runner is not None:
             model.runner.close()
+        decoder = getattr(model.backend, "batch_decoder", None)
+        if decoder is not None:
+            decoder.close()
+
+    def _batch_decoder(self, backend: CausalLMBackend) -> DecodeBatcher | None:
+        """The model's shared decoding thread (FineGates decoders, when batched decoding
+        is on); None: each stream decodes alone in a generation thread."""
+        if not self.config.batched_decoding or backend.hf_style:
+            return None
+        with self._specs_lock:
+            decoder = getattr(backend, "batch_decoder", None)
+            if decoder is None:
+                decoder = DecodeBatcher(backend.model, self.config.max_decode_batch)
+                backend.batch_decoder = decoder
+        return decoder
 
     def resolve(self, tenant_id: str | None, model_id: str) -> ModelSpec:
         if not isinstance(model_id, str) or not model_id:
@@ -196,6 +212,14 @@ class InferenceEngine:
         self, backend: CausalLMBackend, prompt_ids: list[int], params: SamplingParams
     ) -> tuple[str, int, str]:
         """Whole completion in a generation thread: (text, completion_tokens, finish_reason)."""
+        if self._batch_decoder(backend) is not None:
+            parts: list[str] = []
+            tokens, reason = 0, "length"
+            async for chunk in self.stream(backend, prompt_ids, params):
+                parts.append(chunk.text)
+                tokens = chunk.completion_tokens
+                reason = chunk.finish_reason or reason
+            return "".join(parts), tokens, reason
 
         def run() -> tuple[str, int, str]:
             parts: list[str] = []
@@ -254,7 +278,26 @@ class InferenceEngine:
                 self._record(reason, tokens)
                 put(None)
 
-        self._gen_pool.submit(run)
+        decoder = self._batch_decoder(backend)
+        if decoder is not None:
+            counted: dict[str, Any] = {"reason": "length", "tokens": 0}
+
+            def emit(item: GenerationChunk | BaseException | None) -> None:
+                if isinstance(item, GenerationChunk):
+                    counted["tokens"] = item.completion_tokens
+                    counted["reason"] = item.finish_reason or counted["reason"]
+                elif item is None:
+                    self._record(str(counted["reason"]), int(counted["tokens"]))
+                put(item)
+
+            try:
+                decoder.submit(
+                    prompt_ids, params, backend.decode, backend.eos_token_ids, emit, cancel.is_set
+                )
+            except RuntimeError:  # the model was just evicted: decode this one alone
+                self._gen_pool.submit(run)
+        else:
+            self._gen_pool.submit(run)
         try:
             while True:
                 item = await queue.get()

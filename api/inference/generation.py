@@ -70,6 +70,71 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+class StreamDecoder:
+    """One stream's sampling and stop rules, fed one logits vector at a time.
+
+    Written once for both ways of decoding: alone (``generate_stream`` with a Stepper)
+    and in a shared batch (api.inference.decode_batch), so a stream gets the same
+    tokens, text and finish_reason whichever runs it.
+
+    ``feed(logits)`` samples the next token and returns the chunks to emit; ``done`` is
+    set after the last chunk (finish_reason "stop", "length" or "cancelled"), else
+    ``next_token`` is the token to run through the model next.
+    """
+
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        params: SamplingParams,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
+        self.decode = decode
+        self.params = params
+        self.stops = [s for s in params.stop if s]
+        self.eos = set(eos_token_ids)
+        self.generator = make_generator(params.seed)
+        self.generated: list[int] = []
+        self.emitted = 0  # characters of the decoded text already sent
+        self.done = False
+        self.next_token: int | None = None
+
+    def _finish(self, chunk: GenerationChunk) -> list[GenerationChunk]:
+        self.done = True
+        self.next_token = None
+        return [chunk]
+
+    def cancel(self) -> list[GenerationChunk]:
+        return self._finish(GenerationChunk("", len(self.generated), "cancelled"))
+
+    def empty(self) -> list[GenerationChunk]:
+        """max_tokens <= 0: nothing to generate."""
+        return self._finish(GenerationChunk("", 0, "length"))
+
+    def feed(self, logits: torch.Tensor) -> list[GenerationChunk]:
+        token = sample_next(logits, self.params, self.generator)
+        if token in self.eos:
+            text = self.decode(self.generated)
+            return self._finish(GenerationChunk(text[self.emitted :], len(self.generated), "stop"))
+        self.generated.append(token)
+        n = len(self.generated)
+        text = self.decode(self.generated)
+        if self.stops:
+            cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+            if cut >= 0:
+                return self._finish(GenerationChunk(text[self.emitted : cut], n, "stop", [token]))
+        if n >= self.params.max_tokens:
+            return self._finish(GenerationChunk(text[self.emitted :], n, "length", [token]))
+        self.next_token = token
+        # hold back an incomplete UTF-8 sequence and a possible stop-string prefix
+        safe = len(text.rstrip("\ufffd"))
+        safe -= _held_back(text[:safe], self.stops)
+        if safe > self.emitted:
+            chunk = GenerationChunk(text[self.emitted : safe], n, None, [token])
+            self.emitted = safe
+            return [chunk]
+        return []
+
+
 def generate_stream(
     stepper: Stepper,
     prompt_ids: list[int],
@@ -85,42 +150,21 @@ def generate_stream(
     generated ids each step so multi-byte characters split across tokens come out whole,
     and any tail that could be the start of a stop string is held back until it is decided.
     """
-    stops = [s for s in params.stop if s]
-    eos = set(eos_token_ids)
-    generator = make_generator(params.seed)
-    generated: list[int] = []
-    emitted = 0  # characters of the decoded text already sent
+    dec = StreamDecoder(decode, params, eos_token_ids)
     if params.max_tokens <= 0:
-        yield GenerationChunk("", 0, "length")
+        yield from dec.empty()
         return
     with torch.inference_mode():
         logits = stepper.prefill(list(prompt_ids))
         while True:
             if cancelled is not None and cancelled():
-                yield GenerationChunk("", len(generated), "cancelled")
+                yield from dec.cancel()
                 return
-            token = sample_next(logits, params, generator)
-            if token in eos:
-                text = decode(generated)
-                yield GenerationChunk(text[emitted:], len(generated), "stop")
+            yield from dec.feed(logits)
+            if dec.done:
                 return
-            generated.append(token)
-            text = decode(generated)
-            if stops:
-                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    yield GenerationChunk(text[emitted:cut], len(generated), "stop", [token])
-                    return
-            if len(generated) >= params.max_tokens:
-                yield GenerationChunk(text[emitted:], len(generated), "length", [token])
-                return
-            # hold back an incomplete UTF-8 sequence and a possible stop-string prefix
-            safe = len(text.rstrip("\ufffd"))
-            safe -= _held_back(text[:safe], stops)
-            if safe > emitted:
-                yield GenerationChunk(text[emitted:safe], len(generated), None, [token])
-                emitted = safe
-            logits = stepper.step(token)
+            assert dec.next_token is not None
+            logits = stepper.step(dec.next_token)
 
 
 def as_stop_list(stop: Any) -> list[str]:

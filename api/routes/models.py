@@ -114,14 +114,15 @@ def _tar_member_header(name: str, size: int, mtime: int) -> bytes:
 
 
 # Left out of the default tar (each is a copy of the weights in another format):
-# ``include=onnx`` / ``include=hf`` add them back.
-_OPTIONAL = {"onnx": "model.onnx", "hf": "hf/"}
+# ``include=onnx`` (both ONNX files) / ``include=hf`` add them back.
+_OPTIONAL = {"onnx": ("model.onnx", "model.int8.onnx"), "hf": ("hf/",)}
 
 
 def _left_out(rel: str, include: set[str]) -> bool:
     return any(
         key not in include and (rel == name or (name.endswith("/") and rel.startswith(name)))
-        for key, name in _OPTIONAL.items()
+        for key, names in _OPTIONAL.items()
+        for name in names
     )
 
 
@@ -194,16 +195,24 @@ def _tar_stream(members: list[TarMember]) -> Iterator[bytes]:
     yield b"\0" * (2 * _BLOCK)
 
 
+_SINGLE_FILES = {
+    "safetensors": "model.safetensors",
+    "onnx": "model.onnx",
+    "onnx-int8": "model.int8.onnx",  # core.quantize.INT8_ONNX
+}
+
+
 @router.get("/models/{model_id:path}/artifact")
 def download_artifact(
     ref: ModelDep,
     settings: SettingsDep,
-    format: Annotated[str, Query(pattern="^(tar|safetensors|onnx)$")] = "tar",
+    format: Annotated[str, Query(pattern="^(tar|safetensors|onnx|onnx-int8)$")] = "tar",
     include: Annotated[str, Query(pattern="^((onnx|hf|all)(,(onnx|hf|all))*)?$")] = "",
 ) -> Any:
     """``format=tar`` (default): weights, manifest, tokenizer and report (``include=onnx``,
-    ``include=hf`` or ``include=all`` add the ONNX file and the Hugging Face copy);
-    ``safetensors``/``onnx``: one file."""
+    ``include=hf`` or ``include=all`` add the ONNX files and the Hugging Face copy);
+    ``safetensors``/``onnx``/``onnx-int8`` (model.int8.onnx, dynamic int8 of model.onnx):
+    one file."""
     m = _finetuned_only(ref, "artifacts", "artifact_not_found")
     model_id = m.id
     root = artifact_path(m, settings)
@@ -214,15 +223,15 @@ def download_artifact(
             code="artifact_not_found",
         )
     safe = model_id.replace(":", "_").replace("/", "_")
-    if format in ("safetensors", "onnx"):
-        fname = "model.safetensors" if format == "safetensors" else "model.onnx"
+    if format in _SINGLE_FILES:
+        fname = _SINGLE_FILES[format]
         f = root / fname
         if not f.is_file() or f.is_symlink():
             why = (
-                "no ONNX export was produced for it (ONNX export may be unavailable for this "
-                "model family, or it failed; see the job's events)"
-                if format == "onnx"
-                else "its model.safetensors is missing"
+                "its model.safetensors is missing"
+                if format == "safetensors"
+                else f"no {fname} was produced for it (ONNX export or its int8 quantization "
+                "may be unavailable for this model family, or it failed; see the job's events)"
             )
             raise APIError(
                 404,
@@ -233,7 +242,7 @@ def download_artifact(
         return FileResponse(
             f,
             media_type="application/octet-stream",
-            filename=f"{safe}.{format}",
+            filename=f"{safe}.{'int8.onnx' if format == 'onnx-int8' else format}",
         )
     wanted = {x for x in include.split(",") if x}
     members, total = _tar_plan(root, set(_OPTIONAL) if "all" in wanted else wanted)

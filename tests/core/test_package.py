@@ -61,6 +61,7 @@ def test_build_publishes_a_complete_artifact_with_every_file_hashed(run_dir, tmp
         ("prune", "info"),
         ("onnx", "info"),
         ("onnx", "info"),
+        ("onnx", "info"),  # model.int8.onnx
         ("report", "info"),
         ("report", "info"),
     ]
@@ -73,7 +74,7 @@ def test_build_publishes_a_complete_artifact_with_every_file_hashed(run_dir, tmp
         json.dumps(res.report, default=str)
     )
     assert {r["backend"] for r in res.report["latency"]} == {"torch", "onnxruntime"}
-    assert res.formats == ["safetensors", "onnx"]
+    assert res.formats == ["safetensors", "onnx", "onnx-int8"]
     assert res.size_bytes == sum(p.stat().st_size for p in art.rglob("*") if p.is_file())
     summary = res.summary()
     assert summary["gated_params_after"] < summary["gated_params_before"]
@@ -144,7 +145,7 @@ def test_a_failing_report_is_a_warning_and_the_artifact_is_published_without_it(
     monkeypatch.setattr(package, "compression_report", broken)
     events: list[PackageEvent] = []
     res = build_artifact(run_dir, tmp_path / "art", on_event=events.append, **FAST)
-    assert res.report is None and res.formats == ["safetensors", "onnx"]
+    assert res.report is None and res.formats == ["safetensors", "onnx", "onnx-int8"]
     assert [(e.phase, e.level) for e in events][-1] == ("report", "warning")
     assert events[-1].message == "Compression report skipped: RuntimeError: no timer"
     assert res.warnings == [events[-1].message]
@@ -190,7 +191,7 @@ def test_export_rebuilds_in_place_with_a_rehashed_manifest(run_dir, tmp_path):
     before = _listed(art)
     rebuild_artifact(art, onnx=True)
     after = _listed(art)
-    assert set(after) == set(before) | {"model.onnx"}
+    assert set(after) == set(before) | {"model.onnx", "model.int8.onnx"}
     assert {k: after[k] for k in before} == before
     assert _files_on_disk(art) == after
     ids = torch.randint(3, 100, (2, 7))

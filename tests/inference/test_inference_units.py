@@ -312,3 +312,22 @@ def test_model_spec_cache_key_is_path_based(tmp_path):
     a = ModelSpec("x", tmp_path, "artifact", owner="t1")
     b = ModelSpec("y", tmp_path / ".", "artifact", owner="t1")
     assert a.cache_key == b.cache_key
+
+
+def test_length_buckets_cut_padding_and_keep_every_index():
+    from api.inference.backends import length_buckets
+
+    lengths = [5] * 10 + [60] * 10 + [6, 7, 61, 200]
+    buckets = length_buckets(lengths)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    # 7 would pad the short bucket past 1.25x, so it starts the next one (which the
+    # 60s then join, as it has fewer than MIN_BUCKET rows); 200 would pad the 60s 3x
+    assert [sorted(lengths[i] for i in b) for b in buckets] == [
+        [5] * 10 + [6],
+        [7] + [60] * 10 + [61],
+        [200],
+    ]
+    assert length_buckets([3, 90, 4]) == [[0, 2, 1]]  # fewer than MIN_BUCKET rows: one call
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in buckets)
+    assert padded < len(lengths) * max(lengths) / 3  # far less than one padded batch
+    assert length_buckets([]) == [] and length_buckets([9]) == [[0]]

@@ -112,7 +112,7 @@ def test_a_missed_target_is_said_everywhere_and_checkpoints_are_models(
         and " faster" in model["summary"]
         or (" slower" in model["summary"])
     )
-    assert set(model["downloads"]) == {"tar", "safetensors", "onnx"}
+    assert set(model["downloads"]) == {"tar", "safetensors", "onnx", "onnx-int8"}
     report = api.get(f"/v1/models/{model_id}/report", headers=h).json()
     assert report["summary"]["sentence"] == model["summary"]
     assert report["machine"]["logical_cpus"] >= 1 and report["machine"]["torch_threads"] >= 1
@@ -125,6 +125,7 @@ def test_a_missed_target_is_said_everywhere_and_checkpoints_are_models(
     names = _tar_names(tar.content)
     assert "model.safetensors" in names and "report.json" in names
     assert "model.onnx" not in names and not any(n.startswith("hf/") for n in names)
+    assert "model.int8.onnx" not in names
     assert int(tar.headers["content-length"]) == len(tar.content)
     out = tmp_path / "download"
     with tarfile.open(fileobj=io.BytesIO(tar.content)) as tf:
@@ -134,7 +135,7 @@ def test_a_missed_target_is_said_everywhere_and_checkpoints_are_models(
     assert loaded.manifest.metrics["step"] == 6 and "accuracy" in loaded.manifest.metrics
     assert "model.onnx" in json.loads(names["manifest.json"])["download_omitted"]
     full = _tar_names(api.get(f"/v1/models/{model_id}/artifact?include=onnx", headers=h).content)
-    assert "model.onnx" in full
+    assert "model.onnx" in full and "model.int8.onnx" in full
     onnx = api.get(f"/v1/models/{model_id}/artifact?format=onnx", headers=h)
     assert onnx.status_code == 200 and onnx.content == full["model.onnx"]
 
